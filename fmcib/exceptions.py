@@ -1,0 +1,36 @@
+"""Exceptions raised by fmcib; all derive from FmcibError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "FmcibError",
+    "TableError",
+    "ImageReadError",
+    "SeedError",
+    "WeightsError",
+    "UnknownModelError",
+]
+
+
+class FmcibError(Exception):
+    """Base class of every error fmcib raises on purpose."""
+
+
+class TableError(FmcibError, ValueError):
+    """The seeds table is unusable as a whole (missing columns, unreadable file)."""
+
+
+class ImageReadError(FmcibError, OSError):
+    """An image or DICOM series could not be read, or is not a 3D scalar volume."""
+
+
+class SeedError(FmcibError, ValueError):
+    """A seed point is missing, not finite, or lies outside its image."""
+
+
+class WeightsError(FmcibError, RuntimeError):
+    """Weights could not be found, downloaded, verified or loaded strictly."""
+
+
+class UnknownModelError(FmcibError, ValueError):
+    """A model name is not in the registry."""

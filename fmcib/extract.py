@@ -1,0 +1,498 @@
+"""Feature extraction: seeds table -> one read per scan -> patches -> batched encoder -> feature table."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from .exceptions import FmcibError, TableError
+from .io import read_image, read_table
+from .preprocessing import PreprocessConfig, extract_patch
+from .seeds import _resolve_path, _validate_coords, check_inside, mask_centroid, to_lps
+
+__all__ = [
+    "SEED_COLUMNS",
+    "MASK_COLUMNS",
+    "extract_features",
+    "get_features",
+    "FeatureExtractor",
+    "BatchResult",
+    "RowError",
+    "plan_scans",
+    "feature_columns",
+]
+
+logger = logging.getLogger(__name__)
+
+SEED_COLUMNS = ("image_path", "coordX", "coordY", "coordZ")
+MASK_COLUMNS = ("Image", "Mask")
+SERIES_COLUMN = "SeriesInstanceUID"
+PADDING_COLUMN = "fmcib_padding_fraction"
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def feature_columns(n: int) -> list[str]:
+    """The original's feature column names: ``pred_0 ... pred_{n-1}``."""
+    return [f"pred_{i}" for i in range(n)]
+
+
+@dataclass(frozen=True)
+class SeedRow:
+    """One table row to extract: a point (``coords`` system) or a mask + label."""
+
+    row: int
+    point: tuple[Any, Any, Any] | None = None
+    mask: str | None = None
+    label: Any = 1
+
+
+@dataclass(frozen=True)
+class ScanTask:
+    """All rows that share one image (read once)."""
+
+    image: str
+    series_uid: str | None
+    seeds: tuple[SeedRow, ...]
+
+
+@dataclass
+class RowError:
+    """A row that could not be extracted, with the reason (names row, file and problem)."""
+
+    row: int
+    message: str
+
+
+@dataclass
+class BatchResult:
+    """Features of one encoder batch: table row numbers, ``(n, D)`` float32 features, padding fractions."""
+
+    rows: np.ndarray
+    features: np.ndarray
+    padding: np.ndarray
+
+
+def _table_kind(df: pd.DataFrame, name: str) -> str:
+    if all(c in df.columns for c in SEED_COLUMNS):
+        return "seeds"
+    if all(c in df.columns for c in MASK_COLUMNS):
+        return "masks"
+    missing = [c for c in SEED_COLUMNS if c not in df.columns]
+    raise TableError(
+        f"{name}: missing column(s) {missing}; a seeds table needs {list(SEED_COLUMNS)} "
+        f"(or pyradiomics-style {list(MASK_COLUMNS)} [+ Label]). Columns found: {list(df.columns)}"
+    )
+
+
+def plan_scans(df: pd.DataFrame, base_dir: str | os.PathLike | None = None,
+               rows: Sequence[int] | None = None, name: str = "table") -> list[ScanTask]:
+    """Group table rows by scan (image path + optional SeriesInstanceUID), keeping first-seen order.
+
+    Raises
+    ------
+    TableError
+        Required columns missing (checked before any image is read).
+    """
+    kind = _table_kind(df, name)
+    base = Path(base_dir) if base_dir is not None else None
+    image_col = "image_path" if kind == "seeds" else "Image"
+    groups: dict[tuple[str, str | None], list[SeedRow]] = {}
+    selected = range(len(df)) if rows is None else rows
+    for i in selected:
+        rec = df.iloc[i]
+        raw_path = rec[image_col]
+        image = "" if pd.isna(raw_path) else str(_resolve_path(raw_path, base))
+        uid = rec.get(SERIES_COLUMN) if SERIES_COLUMN in df.columns else None
+        uid = None if uid is None or pd.isna(uid) else str(uid)
+        if kind == "seeds":
+            seed = SeedRow(row=int(i), point=(rec["coordX"], rec["coordY"], rec["coordZ"]))
+        else:
+            label = rec["Label"] if "Label" in df.columns and not pd.isna(rec["Label"]) else 1
+            mask = "" if pd.isna(rec["Mask"]) else str(_resolve_path(rec["Mask"], base))
+            seed = SeedRow(row=int(i), mask=mask, label=label)
+        groups.setdefault((image, uid), []).append(seed)
+    return [ScanTask(image=img, series_uid=uid, seeds=tuple(s)) for (img, uid), s in groups.items()]
+
+
+def _label_value(label: Any) -> int:
+    value = float(label)
+    if not value.is_integer():
+        raise ValueError(f"label {label!r} is not an integer")
+    return int(value)
+
+
+class ScanDataset:
+    """Map-style dataset: item ``i`` reads scan ``i`` once and cuts every seed's patch.
+
+    Picklable (plain data only), so it works with DataLoader workers under fork and spawn.
+    Each item is a dict with ``rows`` (int array), ``patches`` ``(k, 1, n, n, n)`` float32,
+    ``padding`` (k,) and ``errors`` (list of :class:`RowError`).
+    """
+
+    def __init__(self, tasks: Sequence[ScanTask], coords: str, config: PreprocessConfig) -> None:
+        self.tasks = list(tasks)
+        self.coords = _validate_coords(coords)
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        task = self.tasks[index]
+        n = int(self.config.patch_size)
+        rows, patches, padding, errors = [], [], [], []
+        try:
+            if not task.image:
+                raise FmcibError("image path is empty")
+            image = read_image(task.image, task.series_uid)
+        except FmcibError as exc:
+            errors = [RowError(s.row, f"row {s.row}: {exc}") for s in task.seeds]
+            return {"rows": np.zeros(0, np.int64), "patches": np.zeros((0, 1, n, n, n), np.float32),
+                    "padding": np.zeros(0), "errors": errors}
+        masks: dict[str, sitk.Image] = {}
+        for s in task.seeds:
+            try:
+                if s.mask is not None:
+                    if s.mask not in masks:
+                        masks[s.mask] = read_image(s.mask)
+                    try:
+                        seed = mask_centroid(masks[s.mask], _label_value(s.label))
+                    except (FmcibError, ValueError) as exc:
+                        raise FmcibError(f"mask '{s.mask}': {exc}") from exc
+                else:
+                    seed = to_lps(s.point, self.coords, image)
+                check_inside(image, seed)
+                patch, pad = extract_patch(image, seed, self.config)
+            except FmcibError as exc:
+                msg = str(exc) if str(exc).startswith(("'", "mask '")) else f"'{task.image}': {exc}"
+                errors.append(RowError(s.row, f"row {s.row}: {msg}"))
+                continue
+            except Exception as exc:  # never let one odd row stop the run
+                errors.append(RowError(s.row, f"row {s.row}: '{task.image}': {type(exc).__name__}: {exc}"))
+                continue
+            rows.append(s.row)
+            patches.append(patch)
+            padding.append(pad)
+        stacked = np.stack(patches)[:, None] if patches else np.zeros((0, 1, n, n, n), np.float32)
+        return {"rows": np.asarray(rows, np.int64), "patches": stacked,
+                "padding": np.asarray(padding, np.float64), "errors": errors}
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _worker_init(_: int) -> None:
+    # One ITK thread per worker: the encoder already uses the cores of the main process.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def default_num_workers() -> int:
+    """Loader processes when not given: half the cores (at least 1, at most 4); 0 on a single core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 1 else max(1, min(4, cores // 2))
+
+
+@dataclass
+class FeatureExtractor:
+    """A loaded encoder plus batching, device and precision settings; reusable across tables.
+
+    Parameters
+    ----------
+    model : str or torch.nn.Module, default="resnet50_3d.fmcib"
+        Registry name / ``"hf-hub:..."``, or an encoder from :func:`fmcib.create_model`.
+    weights : path, optional
+        Local weights file or folder (see :func:`fmcib.create_model`).
+    device : str, optional
+        ``"cuda"``, ``"mps"``, ``"cpu"``; default: the fastest available.
+    batch_size : int, default=8
+        Patches per forward pass.
+    num_workers : int, optional
+        Loader processes reading scans and cutting patches while the encoder runs (default: half the cores).
+    precision : {"fp32", "bf16", "fp16"}, default="fp32"
+        Autocast dtype for the forward pass (bf16/fp16 are meant for GPUs).
+    progress : bool, default=True
+        Show a progress bar (only on a terminal).
+    start_method : str, optional
+        Multiprocessing start method for workers (``"spawn"``, ``"fork"``, ...; default: platform's).
+    """
+
+    model: Any = "resnet50_3d.fmcib"
+    weights: str | os.PathLike | None = None
+    device: str | None = None
+    batch_size: int = 8
+    num_workers: int | None = None
+    precision: Precision = "fp32"
+    progress: bool = True
+    start_method: str | None = None
+    _encoder: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers is not None and int(self.num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def encoder(self) -> Any:
+        """The encoder module (loaded on first use)."""
+        if self._encoder is None:
+            from torch import nn
+
+            from .models import create_model, resolve_device
+
+            if isinstance(self.model, nn.Module):
+                self._encoder = self.model.eval().to(resolve_device(self.device))
+            else:
+                self._encoder = create_model(str(self.model), pretrained=True, weights=self.weights,
+                                             device=self.device)
+        return self._encoder
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        """The encoder's input contract (defaults for a bare module without ``fmcib_config``)."""
+        cfg = getattr(self.encoder, "fmcib_config", None)
+        return cfg.preprocess if cfg is not None else PreprocessConfig()
+
+    @property
+    def num_features(self) -> int:
+        """Feature vector length of the encoder."""
+        cfg = getattr(self.encoder, "fmcib_config", None)
+        if cfg is not None:
+            return int(cfg.num_features)
+        import torch
+
+        n = int(self.preprocess_config.patch_size)
+        dev = next(self.encoder.parameters()).device
+        with torch.inference_mode():
+            return int(self.encoder(torch.zeros(1, 1, n, n, n, device=dev)).shape[1])
+
+    def provenance(self, coords: str) -> dict[str, Any]:
+        """Settings that determine the features (recorded with every output; compared on resume)."""
+        import torch
+
+        from ._version import __version__
+
+        cfg = getattr(self.encoder, "fmcib_config", None)
+        return {
+            "fmcib_version": __version__,
+            "model": cfg.name if cfg is not None else type(self.encoder).__name__,
+            "weights": dict(getattr(self.encoder, "fmcib_weights", {}) or {}),
+            "num_features": self.num_features,
+            "preprocess": self.preprocess_config.to_dict(),
+            "coords": coords,
+            "precision": self.precision,
+            "torch_version": torch.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def _forward(self, patches: np.ndarray) -> np.ndarray:
+        import torch
+
+        encoder = self.encoder
+        device = next(encoder.parameters()).device
+        x = torch.from_numpy(patches)
+        if device.type == "cuda":
+            x = x.pin_memory().to(device, non_blocking=True)
+        else:
+            x = x.to(device)
+        autocast: Any = contextlib.nullcontext()
+        if self.precision != "fp32":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            autocast = torch.autocast(device_type=device.type, dtype=dtype)
+        with torch.inference_mode(), autocast:
+            out = encoder(x)
+        return out.float().cpu().numpy()
+
+    def iter_table(self, df: pd.DataFrame, coords: str = "lps", base_dir: str | os.PathLike | None = None,
+                   rows: Sequence[int] | None = None, name: str = "table") -> Iterator[BatchResult | RowError]:
+        """Yield :class:`BatchResult` per encoder batch and :class:`RowError` per failed row, in table order of scans."""
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        tasks = plan_scans(df, base_dir=base_dir, rows=rows, name=name)
+        dataset = ScanDataset(tasks, coords, self.preprocess_config)
+        workers = default_num_workers() if self.num_workers is None else int(self.num_workers)
+        workers = min(workers, len(dataset))
+        loader = DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+            worker_init_fn=_worker_init if workers else None,
+            multiprocessing_context=self.start_method if workers else None,
+            prefetch_factor=2 if workers else None,
+        )
+        total = sum(len(t.seeds) for t in tasks)
+        bar = tqdm(total=total, unit="seed", disable=(not self.progress) or None, desc="fmcib")
+        pending: list[dict[str, Any]] = []
+        held = 0
+        bs = int(self.batch_size)
+        _ = self.encoder  # load before workers start (fails fast on bad weights)
+        try:
+            for item in loader:
+                for err in item["errors"]:
+                    bar.update(1)
+                    yield err
+                if len(item["rows"]):
+                    pending.append(item)
+                    held += len(item["rows"])
+                while held >= bs:
+                    batch, pending, held = _take(pending, bs)
+                    yield self._run(batch)
+                    bar.update(len(batch.rows))
+            while held:
+                batch, pending, held = _take(pending, min(bs, held))
+                yield self._run(batch)
+                bar.update(len(batch.rows))
+        finally:
+            bar.close()
+
+    def _run(self, batch: BatchResult) -> BatchResult:
+        batch.features = self._forward(batch.features)
+        return batch
+
+
+def _take(pending: list[dict[str, Any]], n: int) -> tuple[BatchResult, list[dict[str, Any]], int]:
+    """Pop the first ``n`` patches across pending scan items (features field holds the patches until run)."""
+    rows, patches, padding = [], [], []
+    need = n
+    while need:
+        item = pending[0]
+        k = min(need, len(item["rows"]))
+        rows.append(item["rows"][:k])
+        patches.append(item["patches"][:k])
+        padding.append(item["padding"][:k])
+        if k == len(item["rows"]):
+            pending.pop(0)
+        else:
+            pending[0] = {key: (val[k:] if key != "errors" else []) for key, val in item.items()}
+        need -= k
+    held = sum(len(p["rows"]) for p in pending)
+    return BatchResult(np.concatenate(rows), np.concatenate(patches), np.concatenate(padding)), pending, held
+
+
+def assemble(df: pd.DataFrame, rows: np.ndarray, features: np.ndarray, padding: np.ndarray) -> pd.DataFrame:
+    """Input rows (original index, table order) + ``pred_*`` + ``fmcib_padding_fraction``."""
+    order = np.argsort(rows, kind="stable")
+    rows, features, padding = rows[order], features[order], padding[order]
+    base = df.iloc[rows]
+    feats = pd.DataFrame(features, index=base.index, columns=feature_columns(features.shape[1]))
+    pad = pd.Series(padding, index=base.index, name=PADDING_COLUMN)
+    return pd.concat([base, feats, pad], axis=1)
+
+
+def errors_frame(df: pd.DataFrame, errors: Sequence[RowError]) -> pd.DataFrame:
+    """Failed rows: ``row``, the input columns, and ``fmcib_error`` (the reason)."""
+    if not errors:
+        return pd.DataFrame(columns=["row", *df.columns, "fmcib_error"])
+    errs = sorted(errors, key=lambda e: e.row)
+    out = df.iloc[[e.row for e in errs]].copy()
+    out.insert(0, "row", [e.row for e in errs])
+    out["fmcib_error"] = [e.message for e in errs]
+    return out.reset_index(drop=True)
+
+
+def extract_features(
+    table: str | os.PathLike | pd.DataFrame,
+    *,
+    model: Any = "resnet50_3d.fmcib",
+    weights: str | os.PathLike | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
+    num_workers: int | None = None,
+    coords: str = "lps",
+    precision: Precision = "fp32",
+    progress: bool = True,
+    on_error: Literal["warn", "raise"] = "warn",
+    start_method: str | None = None,
+) -> pd.DataFrame:
+    """Extract encoder features for every seed in a table.
+
+    Parameters
+    ----------
+    table : path or pandas.DataFrame
+        CSV/Parquet or DataFrame with ``image_path, coordX, coordY, coordZ`` (other columns are carried
+        through), or pyradiomics-style ``Image, Mask[, Label]`` (seed = the label's centre of mass).
+        An optional ``SeriesInstanceUID`` column picks a series in a DICOM folder. Relative paths are
+        taken from the working directory, else from the table's folder.
+    model, weights, device, batch_size, num_workers, precision, start_method
+        See :class:`FeatureExtractor`.
+    coords : {"lps", "ras", "voxel"}, default="lps"
+        Coordinate system of ``coordX/Y/Z`` (see :func:`fmcib.seeds.to_lps`).
+    progress : bool, default=True
+        Progress bar on a terminal.
+    on_error : {"warn", "raise"}, default="warn"
+        ``"warn"``: failed rows are left out of the result, listed in a warning and in
+        ``result.attrs["fmcib_errors"]``; ``"raise"``: raise :class:`FmcibError` listing them.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The input rows that succeeded (original index), then ``pred_0 ... pred_{D-1}`` and
+        ``fmcib_padding_fraction``. ``attrs["fmcib"]`` holds the provenance (version, model, weights
+        sha256, preprocessing).
+    """
+    if on_error not in ("warn", "raise"):
+        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+    coords = _validate_coords(coords)
+    if isinstance(table, pd.DataFrame):
+        df, base_dir, name = table.reset_index(drop=True), None, "table"
+    else:
+        df, base_dir, name = read_table(table), Path(table).parent, f"'{table}'"
+    plan_scans(df.iloc[:0], name=name)  # column check before loading anything
+    extractor = FeatureExtractor(model=model, weights=weights, device=device, batch_size=batch_size,
+                                 num_workers=num_workers, precision=precision, progress=progress,
+                                 start_method=start_method)
+    batches: list[BatchResult] = []
+    errors: list[RowError] = []
+    for res in extractor.iter_table(df, coords=coords, base_dir=base_dir, name=name):
+        (errors if isinstance(res, RowError) else batches).append(res)
+    if errors and on_error == "raise":
+        raise FmcibError(f"{len(errors)} of {len(df)} row(s) failed:\n" + "\n".join(e.message for e in errors))
+    d = extractor.num_features
+    rows = np.concatenate([b.rows for b in batches]) if batches else np.zeros(0, np.int64)
+    feats = np.concatenate([b.features for b in batches]) if batches else np.zeros((0, d), np.float32)
+    pads = np.concatenate([b.padding for b in batches]) if batches else np.zeros(0)
+    out = assemble(df, rows, feats, pads)
+    out.attrs["fmcib"] = extractor.provenance(coords)
+    out.attrs["fmcib_errors"] = errors_frame(df, errors)
+    if errors:
+        shown = "\n".join(e.message for e in sorted(errors, key=lambda e: e.row)[:20])
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        warnings.warn(f"{len(errors)} of {len(df)} row(s) failed and are not in the result "
+                      f"(see result.attrs['fmcib_errors']):\n{shown}{more}", stacklevel=2)
+    return out
+
+
+def get_features(
+    csv_path: str | os.PathLike,
+    weights_path: str | os.PathLike | None = None,
+    spatial_size: tuple[int, int, int] = (50, 50, 50),
+    precropped: bool = False,
+    batch_size: int = 4,
+    num_workers: int = 4,
+) -> pd.DataFrame:
+    """Drop-in for fmcib 1.0.0's ``fmcib.run.get_features``: input columns + ``pred_0 ... pred_4095``.
+
+    Uses the fixed preprocessing of this package (see docs/preprocessing.md). Only cubic
+    ``spatial_size`` equal to the model's patch size and ``precropped=False`` are supported; other values
+    raise ``ValueError`` rather than silently producing different features.
+    """
+    if precropped:
+        raise ValueError("precropped=True is not supported: pass full scans with seed points "
+                         "(fmcib 1.0.0's precropped path returned transposed patches)")
+    if tuple(spatial_size) != (50, 50, 50):
+        raise ValueError(f"spatial_size must be (50, 50, 50) for the fmcib encoder, got {spatial_size}")
+    out = extract_features(csv_path, weights=weights_path, batch_size=batch_size, num_workers=num_workers)
+    return out.drop(columns=[PADDING_COLUMN])

@@ -1,0 +1,162 @@
+"""Encoders: registry, construction and weight loading (local file/folder, Hugging Face Hub, Zenodo)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..exceptions import WeightsError
+from . import zoo  # noqa: F401  (registers the published models)
+from .architectures import build_architecture
+from .checkpoints import (
+    CONFIG_NAME,
+    LEGACY_SUFFIXES,
+    WEIGHTS_NAME,
+    load_state_dict_strict,
+    read_checkpoint,
+    save_hub_layout,
+    sha256_file,
+)
+from .hub import download_hub_layout, parse_hub_name, resolve_registry_weights
+from .registry import DEFAULT_MODEL, ModelConfig, WeightsSource, get_model_config, list_models, register_model
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelConfig",
+    "WeightsSource",
+    "create_model",
+    "load_model",
+    "list_models",
+    "get_model_config",
+    "register_model",
+    "convert_weights",
+    "resolve_device",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA if available, then Apple MPS, then CPU; otherwise the device named."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _weights_in_folder(folder: Path) -> tuple[Path, ModelConfig | None]:
+    """A folder: fmcib Hub layout (config.json + model.safetensors) or a single checkpoint file."""
+    if (folder / CONFIG_NAME).is_file():
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise WeightsError(f"'{folder}': has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        try:
+            config = ModelConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise WeightsError(f"'{folder / CONFIG_NAME}': invalid model config ({exc})") from exc
+        return folder / WEIGHTS_NAME, config
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors",) + LEGACY_SUFFIXES)
+    if len(files) != 1:
+        raise WeightsError(
+            f"'{folder}': expected {CONFIG_NAME} + {WEIGHTS_NAME}, or exactly one weights file "
+            f"(*.safetensors, *{', *'.join(LEGACY_SUFFIXES)}); found {[p.name for p in files] or 'none'}"
+        )
+    return files[0], None
+
+
+def create_model(
+    name: str = DEFAULT_MODEL,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> nn.Module:
+    """Build an encoder, load its weights strictly and put it in eval mode on ``device``.
+
+    Parameters
+    ----------
+    name : str, default="resnet50_3d.fmcib"
+        Registry name (see :func:`list_models`), or ``"hf-hub:org/repo[@revision]"`` for a Hub repository
+        in fmcib's layout (``config.json`` + ``model.safetensors``).
+    pretrained : bool, default=True
+        Load the registry entry's published weights (Hub cache/download, then mirrors). Ignored when
+        ``weights`` is given; ``False`` gives random initialisation.
+    weights : path, optional
+        Local weights: an fmcib Hub-layout folder (its ``config.json`` defines the architecture), a folder
+        holding one checkpoint, or a file (``.safetensors``, or the original ``.torch``/Lightning ``.ckpt``).
+    device : str or torch.device, optional
+        Default: CUDA, then MPS, then CPU.
+    revision : str, optional
+        Hub branch, tag or commit overriding the registry's pinned revision.
+
+    Returns
+    -------
+    torch.nn.Module
+        The encoder, mapping ``(N, 1, D, H, W)`` patches to ``(N, num_features)``. Attributes
+        ``fmcib_config`` (:class:`ModelConfig`) and ``fmcib_weights`` (source, path, sha256) describe it.
+
+    Raises
+    ------
+    UnknownModelError, WeightsError
+    """
+    config: ModelConfig | None = None
+    path: Path | None = None
+    source = "random-init"
+    if name.startswith("hf-hub:"):
+        repo, rev = parse_hub_name(name)
+        path, config = _weights_in_folder(download_hub_layout(repo, revision or rev))
+        source = name
+    elif weights is not None:
+        wp = Path(weights).expanduser()
+        if wp.is_dir():
+            path, config = _weights_in_folder(wp)
+        elif wp.is_file():
+            path = wp
+        else:
+            raise WeightsError(f"weights '{wp}' not found (expected a file or folder)")
+        source = str(wp)
+    elif pretrained:
+        config = get_model_config(name)
+        path, source = resolve_registry_weights(config, revision)
+    if config is None:
+        config = get_model_config(name)
+    model = build_architecture(config.architecture, config.model_args)
+    digest = None
+    if path is not None:
+        trunk, heads = read_checkpoint(path)
+        load_state_dict_strict(model, trunk, str(path))
+        digest = sha256_file(path)
+        if heads:
+            logger.info("'%s' also holds head weights (%d tensors); the encoder uses the trunk only", path, len(heads))
+    model.fmcib_config = config
+    model.fmcib_weights = {"source": source, "path": str(path.resolve()) if path else None, "sha256": digest}
+    return model.eval().to(resolve_device(device))
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None = None,
+               device: str | torch.device | None = None) -> nn.Module:
+    """Pretrained encoder ``name`` (or ``weights``), strictly loaded, in eval mode; see :func:`create_model`."""
+    return create_model(name, pretrained=True, weights=weights, device=device)
+
+
+def convert_weights(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, name: str = DEFAULT_MODEL) -> Path:
+    """Convert a legacy checkpoint into fmcib's Hub layout (config.json + model.safetensors [+ head]).
+
+    The trunk is first loaded strictly into the architecture of ``name``, so a converted folder
+    always holds weights that fit its config.
+    """
+    config = get_model_config(name)
+    trunk, heads = read_checkpoint(checkpoint)
+    model = build_architecture(config.architecture, config.model_args)
+    load_state_dict_strict(model, trunk, str(checkpoint))
+    provenance: dict[str, Any] = {"file": Path(checkpoint).name, "sha256": sha256_file(checkpoint)}
+    return save_hub_layout(config, model.state_dict(), out_dir, heads=heads, provenance=provenance)

@@ -1,0 +1,168 @@
+"""Locating weights: Hugging Face Hub (its cache, revisions, ``HF_HUB_OFFLINE``), then mirrors such as Zenodo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from pathlib import Path, PurePosixPath
+
+from ..exceptions import WeightsError
+from .checkpoints import CONFIG_NAME, LEGACY_SUFFIXES, WEIGHTS_NAME, sha256_file
+from .registry import ModelConfig
+
+__all__ = ["fmcib_cache_dir", "hub_offline", "download_hub_layout", "resolve_registry_weights", "parse_hub_name"]
+
+logger = logging.getLogger(__name__)
+_WEIGHT_SUFFIXES = (".safetensors",) + LEGACY_SUFFIXES
+
+
+def fmcib_cache_dir() -> Path:
+    """Cache for files fetched from mirrors: ``$FMCIB_CACHE`` or ``~/.cache/fmcib``."""
+    return Path(os.environ.get("FMCIB_CACHE") or Path.home() / ".cache" / "fmcib")
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set (no network: Hub cache only, no HTTP mirrors)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def parse_hub_name(name: str) -> tuple[str, str | None]:
+    """``"hf-hub:org/repo@rev"`` -> ``("org/repo", "rev")``."""
+    spec = name[len("hf-hub:"):] if name.startswith("hf-hub:") else name
+    repo, _, rev = spec.partition("@")
+    return repo, (rev or None)
+
+
+def _download(repo_id: str, filename: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    from .._version import __version__
+
+    return Path(hf_hub_download(repo_id, filename, revision=revision, library_name="fmcib",
+                                library_version=__version__))
+
+
+def download_hub_layout(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch (or find in the cache) ``config.json`` + ``model.safetensors`` of an fmcib-layout repo; return the folder."""
+    try:
+        config_path = _download(repo_id, CONFIG_NAME, revision)
+        _download(repo_id, WEIGHTS_NAME, revision)
+    except Exception as exc:
+        raise WeightsError(
+            f"could not get {CONFIG_NAME} and {WEIGHTS_NAME} of Hub repo '{repo_id}'"
+            f"{'@' + revision if revision else ''} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Looked in the Hugging Face cache {_hub_cache_dir()}"
+            f"{' (HF_HUB_OFFLINE is set)' if hub_offline() else ''}. Download it where there is network "
+            f"(`hf download {repo_id}`) and copy the cache, or pass the folder with weights=..."
+        ) from exc
+    return config_path.parent
+
+
+def _pick_weights_file(names: list[str], folder: str) -> str | None:
+    """The weights file in ``folder`` among repository file names: safetensors first, then legacy suffixes."""
+    inside = [n for n in names if str(PurePosixPath(n).parent) == folder.rstrip("/")]
+    for suffix in _WEIGHT_SUFFIXES:
+        hits = sorted(n for n in inside if n.endswith(suffix))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _from_hub(config: ModelConfig, revision: str | None) -> Path:
+    """Weights file of a registry entry from the Hub, listing its folder when the expected name is absent."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    src = config.weights
+    assert src is not None and src.hf_hub_id and src.hf_filename
+    rev = revision or src.revision
+    try:
+        return _download(src.hf_hub_id, src.hf_filename, rev)
+    except (EntryNotFoundError, LocalEntryNotFoundError) as exc:
+        folder = str(PurePosixPath(src.hf_filename).parent)
+        if hub_offline() or isinstance(exc, LocalEntryNotFoundError):
+            # Offline: look at what the cache holds for that folder.
+            snap = Path(snapshot_download(src.hf_hub_id, revision=rev, allow_patterns=[f"{folder}/*"],
+                                          local_files_only=True))
+            names = [str(p.relative_to(snap).as_posix()) for p in (snap / folder).glob("*") if p.is_file()]
+        else:
+            names = HfApi().list_repo_files(src.hf_hub_id, revision=rev)
+        chosen = _pick_weights_file(names, folder)
+        if chosen is None:
+            raise
+        logger.info("'%s' not in %s; using '%s' from the same folder", src.hf_filename, src.hf_hub_id, chosen)
+        return _download(src.hf_hub_id, chosen, rev)
+
+
+def _from_mirror(url: str) -> Path:
+    """Download ``url`` once into the fmcib cache (atomic), or reuse the cached copy."""
+    import hashlib
+
+    from torch.hub import download_url_to_file
+
+    parsed = urllib.parse.urlparse(url)
+    target = fmcib_cache_dir() / "mirrors" / hashlib.sha1(url.encode()).hexdigest()[:16] / PurePosixPath(parsed.path).name
+    if target.is_file():
+        return target
+    if hub_offline() and parsed.scheme in ("http", "https"):
+        raise WeightsError(f"{url} not downloaded: HF_HUB_OFFLINE is set")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    download_url_to_file(url, str(target), progress=True)  # writes a temporary file, then renames
+    return target
+
+
+def resolve_registry_weights(config: ModelConfig, revision: str | None = None) -> tuple[Path, str]:
+    """Find the weights file of a registry entry: the Hub first, then each mirror. Returns (path, source).
+
+    Raises
+    ------
+    WeightsError
+        No source had the file; the message lists every place looked and how to supply the weights.
+    """
+    src = config.weights
+    if src is None:
+        raise WeightsError(f"model {config.name!r} has no published weights (use pretrained=False)")
+    tried = []
+    if src.hf_hub_id and src.hf_filename:
+        try:
+            path, source = _from_hub(config, revision), f"hf-hub:{src.hf_hub_id}/{src.hf_filename}"
+            return _verified(path, src.sha256, source), source
+        except WeightsError:
+            raise
+        except Exception as exc:
+            tried.append(f"Hugging Face Hub {src.hf_hub_id}/{src.hf_filename}"
+                         f"{'@' + (revision or src.revision) if (revision or src.revision) else ''} "
+                         f"(cache {_hub_cache_dir()}): {type(exc).__name__}")
+    for url in src.urls:
+        try:
+            path = _from_mirror(url)
+            return _verified(path, src.sha256, url), url
+        except WeightsError as exc:
+            if "checksum" in str(exc):
+                raise
+            tried.append(f"{url}: {exc}")
+        except Exception as exc:
+            tried.append(f"{url}: {type(exc).__name__}: {exc}")
+    raise WeightsError(
+        f"weights of {config.name!r} not found. Looked in: " + "; ".join(tried) + ". "
+        f"Offline? Fetch them where there is network (`hf download {src.hf_hub_id} {src.hf_filename}`, then copy "
+        f"the Hugging Face cache), or pass a local file or folder: weights='model_weights.torch' / "
+        f"`fmcib extract --weights ...`."
+    )
+
+
+def _verified(path: Path, expected: str | None, source: str) -> Path:
+    if expected:
+        actual = sha256_file(path)
+        if actual != expected.lower():
+            raise WeightsError(f"{source}: checksum mismatch for '{path}': sha256 {actual}, expected {expected}")
+    return path
