@@ -97,7 +97,7 @@ def models_cmd(pattern: str) -> None:
 
 @main.command()
 @click.option("--mask", type=click.Path(exists=True, path_type=Path), help="One label image.")
-@click.option("--image", type=click.Path(exists=True, path_type=Path), help="CT the mask belongs to (image_path column).")
+@click.option("--image", type=click.Path(path_type=Path), help="CT the mask belongs to (written to the image_path column).")
 @click.option("--csv", "table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Table with Image, Mask[, Label] columns: one or more seeds per row.")
 @click.option("--label", default=None, type=int, help="Label value [default: 1, or the table's Label].")

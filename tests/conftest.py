@@ -1,0 +1,95 @@
+"""Shared fixtures: an offline, private Hugging Face cache; tiny encoders; synthetic and real CT."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub (it reads these once): no network, a private cache.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="fmcib-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = str(_SESSION_DIR / "hf-cache")
+os.environ["FMCIB_CACHE"] = str(_SESSION_DIR / "fmcib-cache")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fmcib.models import ModelConfig  # noqa: E402
+from fmcib.models.architectures import build_architecture  # noqa: E402
+from fmcib.models.checkpoints import save_hub_layout  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+TINY_ARGS = {"depth": 10, "n_input_channels": 1, "widen_factor": 0.125, "conv1_t_stride": 2,
+             "feed_forward": False, "bias_downsample": True}
+
+
+def tiny_config(name: str = "tiny_3d.test") -> ModelConfig:
+    """A small MONAI ResNet (64 features) with the fmcib input contract; builds in milliseconds."""
+    return ModelConfig(name=name, architecture="monai_resnet", model_args=dict(TINY_ARGS), num_features=64)
+
+
+def random_trunk(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random-init state dict of ``config``'s architecture (BatchNorm statistics randomised too)."""
+    torch.manual_seed(seed)
+    model = build_architecture(config.architecture, config.model_args)
+    state = model.state_dict()
+    for k, v in state.items():
+        if v.is_floating_point() and ("running_" in k):
+            v.copy_(torch.rand_like(v) + 0.5)
+    return {k: v.clone() for k, v in state.items()}
+
+
+def put_in_hub_cache(repo_id: str, files: dict[str, Path | bytes], revision: str = "main") -> Path:
+    """Lay out files as huggingface_hub's cache does (refs/<revision> -> snapshots/<commit>/...)."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+    snap = repo_dir / "snapshots" / commit
+    for rel, content in files.items():
+        dest = snap / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
+    return snap
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny encoder in fmcib's Hub layout (config.json + model.safetensors)."""
+    cfg = tiny_config()
+    out = tmp_path_factory.mktemp("tiny-model")
+    save_hub_layout(cfg, random_trunk(cfg), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_cases(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """Three small synthetic scans on disk (different geometries), four lesions each; the seeds table."""
+    from fmcib.datasets import make_synthetic_ct
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    geometries = [
+        {"spacing": (0.8, 0.8, 2.5)},
+        {"spacing": (0.7, 0.9, 1.5), "origin": (30.0, -12.5, 400.0), "direction": (-1, 0, 0, 0, -1, 0, 0, 0, 1)},
+        {"spacing": (1.1, 1.1, 3.0), "origin": (-5.0, 7.0, -90.0), "direction": (1, 0, 0, 0, 1, 0, 0, 0, -1)},
+    ]
+    frames = [make_synthetic_ct(size=(96, 96, 40), n_lesions=4, random_state=k, **g).save(folder, f"case{k}")
+              for k, g in enumerate(geometries)]
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real CT of ../shared/data (skips when absent)."""
+    if not (SHARED_DATA / "manifest.csv").is_file():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

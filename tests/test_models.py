@@ -1,0 +1,176 @@
+"""Registry, every checkpoint layout loaded strictly, offline Hub cache, mirrors, and refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import put_in_hub_cache, random_trunk, tiny_config
+from fmcib.exceptions import UnknownModelError, WeightsError
+from fmcib.models import (
+    DEFAULT_MODEL,
+    WeightsSource,
+    convert_weights,
+    create_model,
+    get_model_config,
+    list_models,
+    register_model,
+)
+
+
+def _assert_same_params(model: torch.nn.Module, trunk: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert set(state) == set(trunk)
+    for k, v in trunk.items():
+        assert torch.equal(state[k], v), k
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = register_model(tiny_config("tiny_3d.layouts"), overwrite=True)
+    return cfg, random_trunk(cfg, seed=7)
+
+
+def test_registry_default_entry_pins_the_paper_architecture():
+    cfg = get_model_config(DEFAULT_MODEL)
+    assert DEFAULT_MODEL in list_models(pretrained=True)
+    assert cfg.num_features == 4096
+    assert dict(cfg.model_args) == {"depth": 50, "n_input_channels": 1, "widen_factor": 2, "conv1_t_stride": 2,
+                                    "feed_forward": False, "bias_downsample": True}
+    assert cfg.weights.hf_hub_id == "surajpaib/FMCIB"
+    assert cfg.weights.hf_filename.startswith("models/pretrained/fmcib/")
+    assert any("zenodo.org/records/10528450" in u for u in cfg.weights.urls)
+    with pytest.raises(UnknownModelError, match="Did you mean 'resnet50_3d.fmcib'"):
+        get_model_config("resnet50_3d.fmcb")
+
+
+def test_every_legacy_layout_loads_to_identical_parameters(tiny, tmp_path):
+    cfg, trunk = tiny
+    head = {"0.weight": torch.randn(8, 64), "0.bias": torch.randn(8)}
+    layouts = {
+        "trunk.torch": {"trunk_state_dict": trunk, "head_state_dict": head},
+        "lightning.ckpt": {"state_dict": {**{f"model.trunk.{k}": v for k, v in trunk.items()},
+                                          **{f"model.heads.{k}": v for k, v in head.items()}}, "epoch": 3},
+        "lightning_ddp.ckpt": {"state_dict": {f"module.model.trunk.{k}": v for k, v in trunk.items()}},
+        "plain.pt": {f"module.{k}": v for k, v in trunk.items()},
+    }
+    for name, obj in layouts.items():
+        torch.save(obj, tmp_path / name)
+    save_file(trunk, str(tmp_path / "weights.safetensors"))
+    for name in [*layouts, "weights.safetensors"]:
+        model = create_model(cfg.name, weights=tmp_path / name, device="cpu")
+        _assert_same_params(model, trunk)
+        assert model.fmcib_weights["sha256"] and not model.training
+
+
+def test_strict_loading_names_the_bad_keys(tiny, tmp_path):
+    cfg, trunk = tiny
+    missing = {k: v for k, v in trunk.items() if k != "conv1.weight"}
+    extra = {**trunk, "layer9.weight": torch.zeros(1)}
+    wrong = {**trunk, "fc.weight": torch.zeros(3)} if "fc.weight" in trunk else {**trunk, "conv1.weight": torch.zeros(3)}
+    for obj, pattern in [(missing, "missing keys: conv1.weight"), (extra, "unexpected keys: layer9.weight"),
+                         (wrong, "mis-shaped keys: (fc|conv1).weight")]:
+        torch.save({"trunk_state_dict": obj}, tmp_path / "bad.torch")
+        with pytest.raises(WeightsError, match=pattern):
+            create_model(cfg.name, weights=tmp_path / "bad.torch", device="cpu")
+    torch.save({"state_dict": {"model.trunk.conv1.weight": trunk["conv1.weight"], "criterion.w": torch.ones(1)}},
+               tmp_path / "odd.ckpt")
+    with pytest.raises(WeightsError, match="criterion.w"):
+        create_model(cfg.name, weights=tmp_path / "odd.ckpt", device="cpu")
+
+
+class _Payload:
+    """Unpickling this would run code; fmcib must refuse the file instead."""
+
+    def __reduce__(self):
+        return (Path("/tmp/fmcib-should-not-exist").touch, ())
+
+
+def test_checkpoints_with_arbitrary_objects_are_refused_not_unpickled(tiny, tmp_path):
+    cfg, trunk = tiny
+    target = Path("/tmp/fmcib-should-not-exist")
+    target.unlink(missing_ok=True)
+    with open(tmp_path / "evil.torch", "wb") as f:
+        pickle.dump({"trunk_state_dict": trunk, "x": _Payload()}, f)
+    torch.save({"trunk_state_dict": trunk, "x": _Payload()}, tmp_path / "evil2.torch")
+    for name in ("evil.torch", "evil2.torch"):
+        with pytest.raises(WeightsError, match="weights_only"):
+            create_model(cfg.name, weights=tmp_path / name, device="cpu")
+    assert not target.exists()
+
+
+def test_hub_layout_folder_convert_and_offline_hub_cache_agree(tiny, tmp_path):
+    cfg, trunk = tiny
+    torch.save({"trunk_state_dict": trunk}, tmp_path / "model_weights.torch")
+    out = convert_weights(tmp_path / "model_weights.torch", tmp_path / "converted", name=cfg.name)
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
+    from_folder = create_model(weights=out, device="cpu")  # the folder's config.json defines the architecture
+    assert from_folder.fmcib_config.name == cfg.name
+    _assert_same_params(from_folder, trunk)
+    put_in_hub_cache("fmcib-tests/tiny", {"config.json": out / "config.json",
+                                          "model.safetensors": out / "model.safetensors"})
+    from_hub = create_model("hf-hub:fmcib-tests/tiny", device="cpu")
+    _assert_same_params(from_hub, trunk)
+    assert from_hub.fmcib_weights["sha256"] == from_folder.fmcib_weights["sha256"]
+
+
+def test_registry_weights_from_offline_hub_cache_with_folder_fallback(tiny, tmp_path):
+    cfg, trunk = tiny
+    torch.save({"trunk_state_dict": trunk}, tmp_path / "w.torch")
+    src = WeightsSource(hf_hub_id="fmcib-tests/legacy", hf_filename="models/pretrained/fmcib/model_weights.torch")
+    exact = register_model(dataclasses.replace(cfg, name="tiny_3d.hub_exact", weights=src), overwrite=True)
+    put_in_hub_cache("fmcib-tests/legacy", {"models/pretrained/fmcib/model_weights.torch": tmp_path / "w.torch"})
+    _assert_same_params(create_model(exact.name, device="cpu"), trunk)
+    # Expected file name absent: the folder is listed (from the cache, offline) and its weights file used.
+    src2 = dataclasses.replace(src, hf_hub_id="fmcib-tests/renamed")
+    renamed = register_model(dataclasses.replace(cfg, name="tiny_3d.hub_renamed", weights=src2), overwrite=True)
+    put_in_hub_cache("fmcib-tests/renamed", {"models/pretrained/fmcib/fmcib_final.pt": tmp_path / "w.torch",
+                                             "models/baselines/task1/other.pt": b"not weights"})
+    _assert_same_params(create_model(renamed.name, device="cpu"), trunk)
+
+
+def test_mirror_fallback_with_checksum(tiny, tmp_path):
+    from fmcib.models.checkpoints import sha256_file
+
+    cfg, trunk = tiny
+    torch.save({"trunk_state_dict": trunk}, tmp_path / "model_weights.torch")
+    url = (tmp_path / "model_weights.torch").as_uri()  # a local URL: the download code runs, no network
+    good = WeightsSource(hf_hub_id="fmcib-tests/absent", hf_filename="w.torch", urls=(url,),
+                         sha256=sha256_file(tmp_path / "model_weights.torch"))
+    register_model(dataclasses.replace(cfg, name="tiny_3d.mirror", weights=good), overwrite=True)
+    model = create_model("tiny_3d.mirror", device="cpu")
+    _assert_same_params(model, trunk)
+    assert model.fmcib_weights["source"] == url
+    bad = dataclasses.replace(good, urls=((tmp_path / "copy.torch").as_uri(),), sha256="0" * 64)
+    (tmp_path / "copy.torch").write_bytes((tmp_path / "model_weights.torch").read_bytes())
+    register_model(dataclasses.replace(cfg, name="tiny_3d.badsum", weights=bad), overwrite=True)
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        create_model("tiny_3d.badsum", device="cpu")
+
+
+def test_missing_weights_offline_says_where_it_looked_and_what_to_do():
+    with pytest.raises(WeightsError) as err:
+        create_model(DEFAULT_MODEL, device="cpu")
+    msg = str(err.value)
+    assert "surajpaib/FMCIB" in msg and "zenodo.org" in msg and "HF_HUB_OFFLINE" in msg
+    assert "weights=" in msg and "--weights" in msg
+
+
+@pytest.mark.slow
+def test_full_size_default_encoder_from_hub_cache(tmp_path):
+    """The real architecture (184.5 M parameters) served offline under the registry's Hub path."""
+    cfg = get_model_config(DEFAULT_MODEL)
+    trunk = random_trunk(cfg, seed=3)
+    assert sum(v.numel() for k, v in trunk.items() if "running" not in k and "num_batches" not in k) == pytest.approx(184.5e6, rel=0.01)
+    torch.save({"trunk_state_dict": trunk}, tmp_path / "model_weights.torch")
+    put_in_hub_cache(cfg.weights.hf_hub_id, {cfg.weights.hf_filename: tmp_path / "model_weights.torch"})
+    (tmp_path / "model_weights.torch").unlink()
+    model = create_model(device="cpu")
+    _assert_same_params(model, trunk)
+    with torch.inference_mode():
+        assert tuple(model(torch.zeros(2, 1, 50, 50, 50)).shape) == (2, 4096)
