@@ -138,3 +138,11 @@ def test_import_is_light():
     code = "import sys, fmcib; heavy = [m for m in ('torch', 'monai', 'SimpleITK', 'huggingface_hub') if m in sys.modules]; print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_example_script_runs_offline():
+    script = Path(__file__).resolve().parents[1] / "examples" / "extract_example.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert "STS_019_x+10" in done.stdout and "wrote" in done.stdout

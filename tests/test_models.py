@@ -174,3 +174,15 @@ def test_full_size_default_encoder_from_hub_cache(tmp_path):
     _assert_same_params(model, trunk)
     with torch.inference_mode():
         assert tuple(model(torch.zeros(2, 1, 50, 50, 50)).shape) == (2, 4096)
+
+
+def test_model_cards_match_the_registry():
+    import json
+
+    folders = sorted((Path(__file__).resolve().parents[1] / "weights").iterdir())
+    assert folders
+    for folder in folders:
+        config = json.loads((folder / "config.json").read_text())
+        assert config == get_model_config(folder.name).to_dict(), folder.name
+        card = (folder / "README.md").read_text()
+        assert card.startswith("---\nlicense:") and "## Input contract" in card

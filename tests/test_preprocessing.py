@@ -151,3 +151,13 @@ def test_preprocess_public_function_coords_and_errors(tmp_path):
         preprocess(image, (lps[0] + 500, lps[1], lps[2]))
     with pytest.raises(SeedError, match="NaN"):
         preprocess(image, (float("nan"), 0, 0))
+
+
+def test_parity_with_original_on_bundled_case():
+    """Runs in a fresh clone without ../shared: the real CT case shipped in examples/data."""
+    from conftest import EXAMPLE_DATA
+
+    image = sitk.ReadImage(str(EXAMPLE_DATA / "STS_019" / "CT_image.nii.gz"))
+    centroid = np.array([-21.84, -78.87, -154.74])
+    offsets = [(0.31, 0.17, 0.45), (4.2, -3.7, 2.9), (-5.5, 6.1, -1.3)]
+    assert _assert_parity(image, [centroid + np.array(o) for o in offsets]) == 3

@@ -89,7 +89,8 @@ def create_model(
         in fmcib's layout (``config.json`` + ``model.safetensors``).
     pretrained : bool, default=True
         Load the registry entry's published weights (Hub cache/download, then mirrors). Ignored when
-        ``weights`` is given; ``False`` gives random initialisation.
+        ``weights`` is given; ``False`` (or an entry without weights, such as ``*.random``) gives
+        random initialisation.
     weights : path, optional
         Local weights: an fmcib Hub-layout folder (its ``config.json`` defines the architecture), a folder
         holding one checkpoint, or a file (``.safetensors``, or the original ``.torch``/Lightning ``.ckpt``).
@@ -124,7 +125,7 @@ def create_model(
         else:
             raise WeightsError(f"weights '{wp}' not found (expected a file or folder)")
         source = str(wp)
-    elif pretrained:
+    elif pretrained and get_model_config(name).weights is not None:
         config = get_model_config(name)
         path, source = resolve_registry_weights(config, revision)
     if config is None:

@@ -1,0 +1,114 @@
+"""Benchmark: end-to-end extraction vs the bare encoder forward, measured in one run.
+
+    python bench/extract.py                      # synthetic 512x512x200 scans + ../shared/data if present
+    python bench/extract.py --scans 4 --seeds-per-scan 8 --device cuda --precision bf16
+
+Prints seeds/s end to end (reading, patching, forward), bare-forward patches/s with the same model,
+batch size and threads, their ratio, and peak resident memory; writes the figures as JSON to bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import fmcib
+from fmcib.datasets import make_synthetic_ct
+from fmcib.models import create_model, resolve_device
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process and its finished children (GB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) * 1024 / 1e9  # Linux reports KiB
+
+
+def bare_forward(model: torch.nn.Module, batch_size: int, n_patches: int, precision: str) -> float:
+    """Patches/s of the encoder alone on random patches already in memory (after one warm-up batch)."""
+    device = next(model.parameters()).device
+    x = torch.rand(batch_size, 1, 50, 50, 50, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model(x).float().cpu()
+    step()
+    batches = max(1, n_patches // batch_size)
+    t = time.perf_counter()
+    for _ in range(batches):
+        step()
+    return batches * batch_size / (time.perf_counter() - t)
+
+
+def timed_extract(table: pd.DataFrame, model: torch.nn.Module, args: argparse.Namespace) -> float:
+    t = time.perf_counter()
+    out = fmcib.extract_features(table, model=model, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 precision=args.precision, progress=False)
+    elapsed = time.perf_counter() - t
+    assert len(out) == len(table), "every benchmark seed must succeed"
+    return len(table) / elapsed
+
+
+def synthetic_table(folder: Path, scans: int, seeds_per_scan: int) -> pd.DataFrame:
+    frames = []
+    for k in range(scans):
+        case = make_synthetic_ct(size=(512, 512, 200), spacing=(0.7, 0.7, 1.25), n_lesions=seeds_per_scan,
+                                 random_state=k)
+        frames.append(case.save(folder, f"scan{k}"))
+    return pd.concat(frames, ignore_index=True)[["image_path", "coordX", "coordY", "coordZ"]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scans", type=int, default=3)
+    p.add_argument("--seeds-per-scan", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--no-shared", action="store_true", help="skip ../shared/data")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    model = create_model("resnet50_3d.random", pretrained=False, device=device)
+    results: dict[str, object] = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}"
+                   + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
+        "torch": torch.__version__, "fmcib": fmcib.__version__, "batch_size": args.batch_size,
+        "num_workers": args.num_workers, "precision": args.precision,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        table = synthetic_table(Path(tmp), args.scans, args.seeds_per_scan)
+        bare = bare_forward(model, args.batch_size, len(table), args.precision)
+        e2e = timed_extract(table, model, args)
+        results["synthetic"] = {"scans": args.scans, "seeds": len(table), "scan": "512x512x200 int16 .nii.gz",
+                                "end_to_end_seeds_per_s": round(e2e, 3), "bare_forward_patches_per_s": round(bare, 3),
+                                "ratio": round(e2e / bare, 3)}
+    if not args.no_shared and (SHARED / "manifest.csv").is_file():
+        manifest = pd.read_csv(SHARED / "manifest.csv")
+        table = manifest[manifest.source == "ibsi_sts_ct"].assign(image_path=lambda d: str(SHARED) + "/" + d.image)
+        table = table[["image_path", "coordX", "coordY", "coordZ"]].reset_index(drop=True)
+        bare = bare_forward(model, args.batch_size, len(table), args.precision)
+        e2e = timed_extract(table, model, args)
+        results["shared_sts"] = {"scans": len(table), "seeds": len(table), "end_to_end_seeds_per_s": round(e2e, 3),
+                                 "bare_forward_patches_per_s": round(bare, 3), "ratio": round(e2e / bare, 3)}
+    results["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    print(json.dumps(results, indent=1))
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"extract-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
