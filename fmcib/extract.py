@@ -348,23 +348,23 @@ class FeatureExtractor:
                     pending.append(item)
                     held += len(item["rows"])
                 while held >= bs:
-                    batch, pending, held = _take(pending, bs)
-                    yield self._run(batch)
-                    bar.update(len(batch.rows))
-            while held:
-                batch, pending, held = _take(pending, min(bs, held))
-                yield self._run(batch)
-                bar.update(len(batch.rows))
+                    result, pending, held = self._run_batch(pending, bs)
+                    bar.update(len(result.rows))
+                    yield result
+            while held:  # loader exhausted: the last, smaller batches
+                result, pending, held = self._run_batch(pending, min(bs, held))
+                bar.update(len(result.rows))
+                yield result
         finally:
             bar.close()
 
-    def _run(self, batch: BatchResult) -> BatchResult:
-        batch.features = self._forward(batch.features)
-        return batch
+    def _run_batch(self, pending: list[dict[str, Any]], n: int) -> tuple[BatchResult, list[dict[str, Any]], int]:
+        rows, patches, padding, pending, held = _take(pending, n)
+        return BatchResult(rows, self._forward(patches), padding), pending, held
 
 
-def _take(pending: list[dict[str, Any]], n: int) -> tuple[BatchResult, list[dict[str, Any]], int]:
-    """Pop the first ``n`` patches across pending scan items (features field holds the patches until run)."""
+def _take(pending: list[dict[str, Any]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
+    """Pop the first ``n`` patches across pending scan items: (rows, patches, padding, rest, patches left)."""
     rows, patches, padding = [], [], []
     need = n
     while need:
@@ -379,7 +379,7 @@ def _take(pending: list[dict[str, Any]], n: int) -> tuple[BatchResult, list[dict
             pending[0] = {key: (val[k:] if key != "errors" else []) for key, val in item.items()}
         need -= k
     held = sum(len(p["rows"]) for p in pending)
-    return BatchResult(np.concatenate(rows), np.concatenate(patches), np.concatenate(padding)), pending, held
+    return np.concatenate(rows), np.concatenate(patches), np.concatenate(padding), pending, held
 
 
 def assemble(df: pd.DataFrame, rows: np.ndarray, features: np.ndarray, padding: np.ndarray) -> pd.DataFrame:

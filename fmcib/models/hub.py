@@ -83,7 +83,8 @@ def _from_hub(config: ModelConfig, revision: str | None) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     src = config.weights
-    assert src is not None and src.hf_hub_id and src.hf_filename
+    if src is None or not (src.hf_hub_id and src.hf_filename):
+        raise WeightsError(f"model {config.name!r} has no Hugging Face Hub location")
     rev = revision or src.revision
     try:
         return _download(src.hf_hub_id, src.hf_filename, rev)
