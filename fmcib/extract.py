@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import logging
 import os
 import warnings
@@ -17,8 +18,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .exceptions import FmcibError, TableError
-from .io import read_image, read_table
-from .preprocessing import PreprocessConfig, extract_patch
+from .io import ImageGeometry, open_scan, read_image, read_table
+from .preprocessing import PreprocessConfig, extract_patch, patch_origin, patch_region
 from .seeds import _resolve_path, _validate_coords, check_inside, mask_centroid, to_lps
 
 __all__ = [
@@ -151,57 +152,89 @@ class ScanDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         task = self.tasks[index]
         n = int(self.config.patch_size)
-        rows, patches, padding, errors = [], [], [], []
         try:
             if not task.image:
                 raise FmcibError("image path is empty")
-            image = read_image(task.image, task.series_uid)
+            scan = open_scan(task.image, task.series_uid)  # header only, for image files
         except FmcibError as exc:
             errors = [RowError(s.row, f"row {s.row}: {exc}") for s in task.seeds]
             return {"rows": np.zeros(0, np.int64), "patches": np.zeros((0, 1, n, n, n), np.float32),
                     "padding": np.zeros(0), "errors": errors}
+        errors: list[RowError] = []
+        seeds: list[tuple[int, np.ndarray]] = []
         masks: dict[str, sitk.Image] = {}
         for s in task.seeds:
             try:
-                if s.mask is not None:
-                    if s.mask not in masks:
-                        masks[s.mask] = read_image(s.mask)
-                    try:
-                        seed = mask_centroid(masks[s.mask], _label_value(s.label))
-                    except (FmcibError, ValueError) as exc:
-                        raise FmcibError(f"mask '{s.mask}': {exc}") from exc
-                else:
-                    seed = to_lps(s.point, self.coords, image)
-                check_inside(image, seed)
-                patch, pad = extract_patch(image, seed, self.config)
-            except FmcibError as exc:
-                msg = str(exc) if str(exc).startswith(("'", "mask '")) else f"'{task.image}': {exc}"
-                errors.append(RowError(s.row, f"row {s.row}: {msg}"))
-                continue
+                seeds.append((s.row, self._seed(s, scan.geometry, masks)))
             except Exception as exc:  # never let one odd row stop the run
-                errors.append(RowError(s.row, f"row {s.row}: '{task.image}': {type(exc).__name__}: {exc}"))
+                errors.append(self._row_error(s.row, task.image, exc))
+        region = patch_region(scan.geometry, [patch_origin(scan.geometry, p, self.config) for _, p in seeds],
+                              self.config)
+        try:
+            image = scan.read(region) if seeds else None  # only the voxels the patches need
+        except FmcibError as exc:
+            errors += [RowError(row, f"row {row}: {exc}") for row, _ in seeds]
+            seeds = []
+        rows, patches, padding = [], [], []
+        for row, seed in seeds:
+            try:
+                patch, pad = extract_patch(image, seed, self.config, geometry=scan.geometry)
+            except Exception as exc:
+                errors.append(self._row_error(row, task.image, exc))
                 continue
-            rows.append(s.row)
+            rows.append(row)
             patches.append(patch)
             padding.append(pad)
+        errors.sort(key=lambda e: e.row)
         stacked = np.stack(patches)[:, None] if patches else np.zeros((0, 1, n, n, n), np.float32)
         return {"rows": np.asarray(rows, np.int64), "patches": stacked,
                 "padding": np.asarray(padding, np.float64), "errors": errors}
+
+    def _seed(self, s: SeedRow, geometry: ImageGeometry, masks: dict[str, sitk.Image]) -> np.ndarray:
+        """LPS seed of one row (from its coordinates or its mask), checked to lie inside the scan."""
+        if s.mask is not None:
+            if s.mask not in masks:
+                masks[s.mask] = read_image(s.mask)
+            try:
+                seed = mask_centroid(masks[s.mask], _label_value(s.label))
+            except (FmcibError, ValueError) as exc:
+                raise FmcibError(f"mask '{s.mask}': {exc}") from exc
+        else:
+            seed = to_lps(s.point, self.coords, geometry)
+        check_inside(geometry, seed)
+        return seed
+
+    @staticmethod
+    def _row_error(row: int, image: str, exc: Exception) -> RowError:
+        if isinstance(exc, FmcibError):
+            msg = str(exc) if str(exc).startswith(("'", "mask '")) else f"'{image}': {exc}"
+        else:
+            msg = f"'{image}': {type(exc).__name__}: {exc}"
+        return RowError(row, f"row {row}: {msg}")
 
 
 def _identity(item: Any) -> Any:
     return item
 
 
-def _worker_init(_: int) -> None:
+# Loader workers on a CPU run yield to the encoder: contending with it for cores stalls its threads.
+CPU_WORKER_NICENESS = 10
+
+
+def _worker_init(_: int, niceness: int = 0) -> None:
     # One ITK thread per worker: the encoder already uses the cores of the main process.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    if niceness and hasattr(os, "nice"):
+        os.nice(niceness)
 
 
-def default_num_workers() -> int:
-    """Loader processes when not given: half the cores (at least 1, at most 4); 0 on a single core."""
+def default_num_workers(device_type: str = "cpu") -> int:
+    """Loader processes when not given: 0 on a single core; else for a CPU encoder one per core (at most 4),
+    for a GPU encoder all cores but one (at most 8), since then reading scans is the bottleneck."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores <= 1 else max(1, min(4, cores // 2))
+    if cores <= 1:
+        return 0
+    return min(4, cores) if device_type == "cpu" else max(1, min(8, cores - 1))
 
 
 @dataclass
@@ -219,7 +252,8 @@ class FeatureExtractor:
     batch_size : int, default=8
         Patches per forward pass.
     num_workers : int, optional
-        Loader processes reading scans and cutting patches while the encoder runs (default: half the cores).
+        Loader processes reading scans and cutting patches while the encoder runs (default: see
+        :func:`default_num_workers`). With a CPU encoder they run at lower priority (``nice``).
     precision : {"fp32", "bf16", "fp16"}, default="fp32"
         Autocast dtype for the forward pass (bf16/fp16 are meant for GPUs).
     progress : bool, default=True
@@ -325,11 +359,13 @@ class FeatureExtractor:
 
         tasks = plan_scans(df, base_dir=base_dir, rows=rows, name=name)
         dataset = ScanDataset(tasks, coords, self.preprocess_config)
-        workers = default_num_workers() if self.num_workers is None else int(self.num_workers)
+        device_type = next(self.encoder.parameters()).device.type  # loads the model before workers start
+        workers = default_num_workers(device_type) if self.num_workers is None else int(self.num_workers)
         workers = min(workers, len(dataset))
+        niceness = CPU_WORKER_NICENESS if device_type == "cpu" else 0
         loader = DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-            worker_init_fn=_worker_init if workers else None,
+            worker_init_fn=functools.partial(_worker_init, niceness=niceness) if workers else None,
             multiprocessing_context=self.start_method if workers else None,
             prefetch_factor=2 if workers else None,
         )
@@ -338,7 +374,6 @@ class FeatureExtractor:
         pending: list[dict[str, Any]] = []
         held = 0
         bs = int(self.batch_size)
-        _ = self.encoder  # load before workers start (fails fast on bad weights)
         try:
             for item in loader:
                 for err in item["errors"]:

@@ -6,10 +6,12 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
@@ -17,6 +19,9 @@ from .exceptions import ImageReadError, TableError
 
 __all__ = [
     "read_image",
+    "open_scan",
+    "Scan",
+    "ImageGeometry",
     "read_table",
     "write_table",
     "read_table_metadata",
@@ -49,6 +54,123 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     return reader.Execute()
 
 
+Region = tuple[Sequence[int], Sequence[int]]  # (index, size) in voxels, SimpleITK (i, j, k) order
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where a volume's voxels lie in LPS space, without the voxels.
+
+    Answers the geometry queries of ``SimpleITK.Image`` under the same names (``GetSize``,
+    ``GetOrigin``, ``GetSpacing``, ``GetDirection``, ``TransformContinuousIndexToPhysicalPoint``),
+    so every function of the package that only needs geometry accepts either.
+    """
+
+    size: tuple[int, ...]
+    origin: tuple[float, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image | sitk.ImageFileReader | ImageGeometry) -> ImageGeometry:
+        """Geometry of an image, of a reader after ``ReadImageInformation()``, or itself."""
+        if isinstance(image, ImageGeometry):
+            return image
+        return cls(tuple(int(v) for v in image.GetSize()), tuple(image.GetOrigin()), tuple(image.GetSpacing()),
+                   tuple(image.GetDirection()))
+
+    def GetSize(self) -> tuple[int, ...]:  # noqa: N802 - SimpleITK's name
+        """Voxels per axis (i, j, k)."""
+        return self.size
+
+    def GetOrigin(self) -> tuple[float, ...]:  # noqa: N802
+        """LPS position (mm) of voxel (0, 0, 0)."""
+        return self.origin
+
+    def GetSpacing(self) -> tuple[float, ...]:  # noqa: N802
+        """Voxel spacing (mm) along i, j, k."""
+        return self.spacing
+
+    def GetDirection(self) -> tuple[float, ...]:  # noqa: N802
+        """Row-major 3x3 direction cosines (columns: LPS directions of i, j, k)."""
+        return self.direction
+
+    def TransformContinuousIndexToPhysicalPoint(self, index: Sequence[float]) -> tuple[float, ...]:  # noqa: N802
+        """LPS point (mm) of a continuous voxel index."""
+        d = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        point = np.asarray(self.origin) + d @ (np.asarray(self.spacing) * np.asarray(index, dtype=np.float64))
+        return tuple(float(v) for v in point)
+
+
+def _check_scalar_3d(name: str, dimension: int, components: int, size: Sequence[int]) -> None:
+    if dimension != 3:
+        raise ImageReadError(f"'{name}': expected a 3D volume, got a {dimension}D image of size {tuple(size)}")
+    if components != 1:
+        raise ImageReadError(
+            f"'{name}': expected one intensity per voxel, got {components} components (colour or vector image)"
+        )
+
+
+@contextlib.contextmanager
+def _reader_errors(name: str) -> Iterator[None]:
+    """Turn SimpleITK's RuntimeError into an :class:`ImageReadError` naming the file."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except RuntimeError as exc:  # SimpleITK reports every reader failure as RuntimeError
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ImageReadError(f"'{name}': cannot read image ({first})") from exc
+
+
+class Scan:
+    """One CT volume opened for patch extraction: its geometry at once, its voxels on request.
+
+    For an image file only the header is read when the scan is opened; :meth:`read` then reads just
+    the voxel region it is asked for (SimpleITK streams it: a ``.nii.gz`` is inflated only up to
+    the region's last slice). A DICOM series folder or an in-memory image is read whole at once.
+    """
+
+    def __init__(self, path: PathLike | sitk.Image, series_uid: str | None = None) -> None:
+        self._image: sitk.Image | None = None
+        if isinstance(path, sitk.Image) or Path(path).is_dir():
+            self._image = read_image(path, series_uid)
+            self.name = str(path) if not isinstance(path, sitk.Image) else "<SimpleITK.Image>"
+            self.geometry = ImageGeometry.of(self._image)
+            return
+        p = Path(path)
+        self.name = str(p)
+        if not p.exists():
+            raise ImageReadError(f"'{p}': file not found")
+        self._reader = sitk.ImageFileReader()
+        self._reader.SetFileName(str(p))
+        with _reader_errors(self.name):
+            self._reader.ReadImageInformation()
+        _check_scalar_3d(self.name, self._reader.GetDimension(), self._reader.GetNumberOfComponents(),
+                         self._reader.GetSize())
+        self.geometry = ImageGeometry.of(self._reader)
+
+    def read(self, region: Region | None = None) -> sitk.Image:
+        """Voxels of ``region`` (index, size), or of the whole scan; geometry stays in scan space.
+
+        When the whole scan is already in memory it is returned as is (it contains every region).
+        """
+        if self._image is not None:
+            return self._image
+        reader = self._reader
+        if region is not None:
+            index, size = region
+            reader.SetExtractIndex([int(v) for v in index])
+            reader.SetExtractSize([int(v) for v in size])
+        with _reader_errors(self.name):
+            return reader.Execute()
+
+
+def open_scan(path: PathLike | sitk.Image, series_uid: str | None = None) -> Scan:
+    """Open a CT volume for patch extraction (see :class:`Scan`); reads only its header when it can."""
+    return Scan(path, series_uid)
+
+
 def read_image(path: PathLike | sitk.Image, series_uid: str | None = None) -> sitk.Image:
     """Read a 3D scalar CT volume: any file SimpleITK reads, or a DICOM series folder.
 
@@ -77,26 +199,13 @@ def read_image(path: PathLike | sitk.Image, series_uid: str | None = None) -> si
         name = str(p)
         if not p.exists():
             raise ImageReadError(f"'{name}': file not found")
-        try:
+        with _reader_errors(name):
             image = _read_dicom_series(p, series_uid) if p.is_dir() else sitk.ReadImage(str(p))
-        except ImageReadError:
-            raise
-        except RuntimeError as exc:  # SimpleITK reports every reader failure as RuntimeError
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise ImageReadError(f"'{name}': cannot read image ({first})") from exc
-    if image.GetDimension() != 3:
-        raise ImageReadError(
-            f"'{name}': expected a 3D volume, got a {image.GetDimension()}D image of size {image.GetSize()}"
-        )
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ImageReadError(
-            f"'{name}': expected one intensity per voxel, got {image.GetNumberOfComponentsPerPixel()} "
-            "components (colour or vector image)"
-        )
+    _check_scalar_3d(name, image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize())
     return image
 
 
-def describe_image(image: sitk.Image) -> str:
+def describe_image(image: sitk.Image | ImageGeometry) -> str:
     """One line with size, spacing, origin and physical extent (LPS mm) of an image, for messages."""
     size = image.GetSize()
     corners = [

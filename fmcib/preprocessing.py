@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import SimpleITK as sitk
 
-from .io import read_image
+from .io import ImageGeometry, Region, open_scan
 from .seeds import CoordinateSystem, check_inside, continuous_index, to_lps
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PreprocessConfig", "lattice_anchor", "patch_origin", "extract_patch", "preprocess"]
+__all__ = ["PreprocessConfig", "lattice_anchor", "patch_origin", "patch_region", "extract_patch", "preprocess"]
 
 # A seed closer than this (in lattice units) to a lattice point counts as lying on it.
 TIE_TOLERANCE = 1e-6
@@ -73,7 +73,7 @@ class PreprocessConfig:
         return cls(**dict(data))
 
 
-def lattice_anchor(image: sitk.Image, spacing_mm: float = 1.0) -> np.ndarray:
+def lattice_anchor(image: sitk.Image | ImageGeometry, spacing_mm: float = 1.0) -> np.ndarray:
     """A point (LPS mm) of the world-axis-aligned lattice the original pipeline resamples onto.
 
     MONAI ``Spacingd(diagonal=True)`` anchors its lattice at the bounding-box corner of the voxel
@@ -88,7 +88,8 @@ def lattice_anchor(image: sitk.Image, spacing_mm: float = 1.0) -> np.ndarray:
     return np.array([corners[:, 0].max(), corners[:, 1].max(), corners[:, 2].min()])
 
 
-def patch_origin(image: sitk.Image, seed_lps: Sequence[float], config: PreprocessConfig) -> np.ndarray:
+def patch_origin(image: sitk.Image | ImageGeometry, seed_lps: Sequence[float],
+                 config: PreprocessConfig) -> np.ndarray:
     """LPS position of the patch's first voxel (smallest x, y, z).
 
     Per axis: the largest lattice point at or below the seed, minus ``patch_size // 2`` steps,
@@ -100,7 +101,7 @@ def patch_origin(image: sitk.Image, seed_lps: Sequence[float], config: Preproces
     return anchor + (steps - config.patch_size // 2) * s
 
 
-def _outside_fraction(image: sitk.Image, origin: np.ndarray, config: PreprocessConfig) -> float:
+def _outside_fraction(image: sitk.Image | ImageGeometry, origin: np.ndarray, config: PreprocessConfig) -> float:
     """Share of patch voxel centres outside the image's physical extent."""
     n, s = int(config.patch_size), float(config.spacing_mm)
     base = continuous_index(image, origin[None, :])[0]
@@ -115,19 +116,45 @@ def _outside_fraction(image: sitk.Image, origin: np.ndarray, config: PreprocessC
     return 1.0 - float(inside.mean())
 
 
+def patch_region(image: sitk.Image | ImageGeometry, origins: Sequence[Sequence[float]],
+                 config: PreprocessConfig) -> Region | None:
+    """Smallest voxel region ``(index, size)`` of the scan that yields the same patches as the whole scan.
+
+    Per patch (given by its :func:`patch_origin`), the bounding box of its grid's continuous indices
+    widened by one voxel on each side (linear interpolation reads the two neighbours, and a point
+    must not fall within half a voxel of a region border that is not also the scan's border), then
+    clipped to the scan and united over all patches. None when ``origins`` is empty.
+    """
+    if len(origins) == 0:
+        return None
+    n, s = int(config.patch_size), float(config.spacing_mm)
+    size = np.asarray(image.GetSize(), dtype=np.int64)
+    corners = np.array([np.asarray(o, np.float64) + np.array(bits) * (n - 1) * s
+                        for o in origins for bits in np.ndindex(2, 2, 2)])
+    idx = continuous_index(image, corners)
+    lo = np.clip(np.floor(idx.min(axis=0)).astype(np.int64) - 1, 0, size - 1)
+    hi = np.clip(np.ceil(idx.max(axis=0)).astype(np.int64) + 1, 0, size - 1)
+    hi = np.maximum(hi, lo)
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo + 1)
+
+
 def extract_patch(
-    image: sitk.Image, seed_lps: Sequence[float], config: PreprocessConfig | None = None
+    image: sitk.Image, seed_lps: Sequence[float], config: PreprocessConfig | None = None,
+    geometry: ImageGeometry | None = None,
 ) -> tuple[np.ndarray, float]:
     """Resample one normalised patch around an LPS seed.
 
     Parameters
     ----------
     image : SimpleITK.Image
-        3D scalar CT in HU.
+        3D scalar CT in HU: the whole scan, or a region of it holding :func:`patch_region`.
     seed_lps : sequence of 3 floats
         Seed in LPS mm; must lie inside the image (see :func:`fmcib.seeds.check_inside`).
     config : PreprocessConfig, optional
         Patch contract (default: 50^3 voxels at 1 mm).
+    geometry : ImageGeometry, optional
+        Geometry of the whole scan when ``image`` is only a region of it (the lattice and the
+        padding fraction depend on the whole scan); default: ``image`` itself.
 
     Returns
     -------
@@ -139,7 +166,8 @@ def extract_patch(
     """
     cfg = config or PreprocessConfig()
     seed = np.asarray(seed_lps, dtype=np.float64)
-    origin = patch_origin(image, seed, cfg)
+    scan = geometry if geometry is not None else image
+    origin = patch_origin(scan, seed, cfg)
     n = int(cfg.patch_size)
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize([n, n, n])
@@ -152,7 +180,7 @@ def extract_patch(
     patch = sitk.GetArrayFromImage(resampler.Execute(image))  # a copy: a view would outlive its image
     patch += np.float32(cfg.hu_offset)
     patch /= np.float32(cfg.hu_scale)
-    return patch, _outside_fraction(image, origin, cfg)
+    return patch, _outside_fraction(scan, origin, cfg)
 
 
 def preprocess(
@@ -191,8 +219,10 @@ def preprocess(
     """
     import torch
 
-    img = read_image(image)
-    seed_lps = to_lps(seed, coords, img)
-    check_inside(img, seed_lps)
-    patch, _ = extract_patch(img, seed_lps, PreprocessConfig(patch_size=size, spacing_mm=spacing))
+    cfg = PreprocessConfig(patch_size=size, spacing_mm=spacing)
+    scan = open_scan(image)
+    seed_lps = to_lps(seed, coords, scan.geometry)
+    check_inside(scan.geometry, seed_lps)
+    region = patch_region(scan.geometry, [patch_origin(scan.geometry, seed_lps, cfg)], cfg)
+    patch, _ = extract_patch(scan.read(region), seed_lps, cfg, geometry=scan.geometry)
     return torch.from_numpy(patch)[None]

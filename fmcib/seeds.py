@@ -12,7 +12,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .exceptions import SeedError
-from .io import describe_image, read_image
+from .io import ImageGeometry, describe_image, read_image
 
 __all__ = ["COORDINATE_SYSTEMS", "to_lps", "check_inside", "mask_centroid", "seeds_from_mask"]
 
@@ -27,7 +27,8 @@ def _validate_coords(coords: str) -> str:
     return key
 
 
-def to_lps(point: Sequence[float], coords: CoordinateSystem | str, image: sitk.Image | None = None) -> np.ndarray:
+def to_lps(point: Sequence[float], coords: CoordinateSystem | str,
+           image: sitk.Image | ImageGeometry | None = None) -> np.ndarray:
     """Convert a seed to LPS physical millimetres (the convention of ITK, SimpleITK and DICOM).
 
     Parameters
@@ -39,7 +40,7 @@ def to_lps(point: Sequence[float], coords: CoordinateSystem | str, image: sitk.I
         ``"ras"``: physical mm, x Right, y Anterior (NIfTI/nibabel/3D Slicer); x and y are negated.
         ``"voxel"``: zero-based continuous voxel index ``(i, j, k)`` in SimpleITK order (i along the
         first image axis), converted through the image's origin, spacing and direction.
-    image : SimpleITK.Image, optional
+    image : SimpleITK.Image or ImageGeometry, optional
         Required for ``coords="voxel"``.
 
     Returns
@@ -70,7 +71,7 @@ def to_lps(point: Sequence[float], coords: CoordinateSystem | str, image: sitk.I
     return p
 
 
-def continuous_index(image: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
+def continuous_index(image: sitk.Image | ImageGeometry, points_lps: np.ndarray) -> np.ndarray:
     """Continuous voxel indices (SimpleITK order) of LPS points, vectorised: ``(N, 3) -> (N, 3)``."""
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
@@ -79,14 +80,14 @@ def continuous_index(image: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
     return np.linalg.solve(index_to_physical, (np.atleast_2d(points_lps) - origin).T).T
 
 
-def inside_mask(image: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
+def inside_mask(image: sitk.Image | ImageGeometry, points_lps: np.ndarray) -> np.ndarray:
     """True for points inside the image's physical extent (voxel edges, i.e. index in [-0.5, n-0.5])."""
     idx = continuous_index(image, points_lps)
     size = np.asarray(image.GetSize())
     return np.all((idx >= -0.5) & (idx <= size - 0.5), axis=1)
 
 
-def check_inside(image: sitk.Image, seed_lps: np.ndarray) -> None:
+def check_inside(image: sitk.Image | ImageGeometry, seed_lps: np.ndarray) -> None:
     """Raise :class:`SeedError` when an LPS seed lies outside the image's physical extent."""
     if not inside_mask(image, np.asarray(seed_lps))[0]:
         x, y, z = seed_lps

@@ -8,7 +8,9 @@ import pytest
 import SimpleITK as sitk
 
 from fmcib.exceptions import SeedError
-from fmcib.preprocessing import PreprocessConfig, extract_patch, lattice_anchor, patch_origin, preprocess
+from fmcib.io import ImageGeometry, open_scan
+from fmcib.preprocessing import (PreprocessConfig, extract_patch, lattice_anchor, patch_origin, patch_region,
+                                 preprocess)
 from reference_original import original_patch, resampled_volume, seed_voxel_index
 
 PARITY_TOL = 1e-4
@@ -161,3 +163,43 @@ def test_parity_with_original_on_bundled_case():
     centroid = np.array([-21.84, -78.87, -154.74])
     offsets = [(0.31, 0.17, 0.45), (4.2, -3.7, 2.9), (-5.5, 6.1, -1.3)]
     assert _assert_parity(image, [centroid + np.array(o) for o in offsets]) == 3
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.4])
+def test_patches_from_a_streamed_region_equal_patches_from_the_whole_scan(tmp_path, angle):
+    # Only the region patch_region names is read from disk; patches (values and padding fraction)
+    # must be bit-identical to those cut from the whole volume, also for border seeds and oblique scans.
+    c, s = np.cos(angle), np.sin(angle)
+    rng = np.random.default_rng(3)
+    image = _image(rng.normal(0, 300, (70, 90, 80)).astype(np.int16), (0.9, 0.7, 2.5), (-30.0, 20.0, -60.0),
+                   (c, -s, 0, s, c, 0, 0, 0, 1))
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(path), useCompression=True)
+    image = sitk.ReadImage(str(path))  # NIfTI stores geometry in float32: compare with what is on disk
+    cfg = PreprocessConfig()
+    scan = open_scan(path)
+    assert scan.geometry == ImageGeometry.of(image)
+    corner = np.array(image.TransformContinuousIndexToPhysicalPoint([1.0, 2.0, 3.0]))
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([40.3, 45.6, 35.2]))
+    groups = [[centre], [corner], [centre, corner]]
+    for seeds in groups:
+        region = patch_region(scan.geometry, [patch_origin(scan.geometry, p, cfg) for p in seeds], cfg)
+        part = scan.read(region)
+        assert part.GetSize() == tuple(region[1]) and np.prod(part.GetSize()) <= np.prod(image.GetSize())
+        for seed in seeds:
+            want, want_pad = extract_patch(image, seed, cfg)
+            got, got_pad = extract_patch(part, seed, cfg, geometry=scan.geometry)
+            np.testing.assert_array_equal(got, want)
+            assert got_pad == want_pad
+    # a centre seed alone needs far less than the whole scan
+    region = patch_region(scan.geometry, [patch_origin(scan.geometry, centre, cfg)], cfg)
+    assert np.prod(region[1]) < 0.5 * np.prod(image.GetSize())
+    assert patch_region(scan.geometry, [], cfg) is None
+
+
+def test_geometry_matches_simpleitk_transforms():
+    image = _image(np.zeros((5, 6, 7), np.int16), (0.9, 0.7, 2.5), (-3.0, 2.0, 6.0), (0, -1, 0, 1, 0, 0, 0, 0, 1))
+    geometry = ImageGeometry.of(image)
+    for idx in ([0, 0, 0], [1.5, -0.5, 3.25], [6, 5, 4]):
+        np.testing.assert_allclose(geometry.TransformContinuousIndexToPhysicalPoint(idx),
+                                   image.TransformContinuousIndexToPhysicalPoint(idx), atol=1e-12)
