@@ -27,6 +27,10 @@ __all__ = [
     "convert_weights",
     "run_extraction",
     "FmcibError",
+    "LogisticProbe",
+    "bootstrap_ci",
+    "permutation_test",
+    "icc",
 ]
 
 _LAZY = {
@@ -44,6 +48,10 @@ _LAZY = {
     "convert_weights": "fmcib.models",
     "run_extraction": "fmcib.runs",
     "FmcibError": "fmcib.exceptions",
+    "LogisticProbe": "fmcib.probes",
+    "bootstrap_ci": "fmcib.evaluation",
+    "permutation_test": "fmcib.evaluation",
+    "icc": "fmcib.stability",
 }
 
 

@@ -1,10 +1,12 @@
-"""The ``fmcib`` command line: extract, models, seeds, weights convert."""
+"""The ``fmcib`` command line: extract, models, seeds, weights, probe, survival, stability, qc."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,6 +21,36 @@ def _fail(exc: Exception, debug: bool) -> None:
     if debug:
         raise exc
     raise click.ClickException(str(exc)) from exc
+
+
+def extraction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The encoder and loader options shared by every command that extracts features."""
+    options = [
+        click.option("--model", default="resnet50_3d.fmcib", show_default=True,
+                     help="Registry name or hf-hub:org/repo[@rev]."),
+        click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+                     help="Local weights file or folder (skips the Hub)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps."),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1)),
+        click.option("--num-workers", default=None, type=click.IntRange(min=0),
+                     help="Loader processes [default: one per core on CPU (max 4), all but one with a GPU (max 8)]."),
+        click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]),
+                     help="Coordinate system of coordX/Y/Z."),
+        click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"])),
+        click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _extractor(model: str, weights: Path | None, device: str, batch_size: int, num_workers: int | None,
+               precision: str, no_progress: bool) -> Any:
+    from .extract import FeatureExtractor
+
+    return FeatureExtractor(model=model, weights=weights, device=None if device == "auto" else device,
+                            batch_size=batch_size, num_workers=num_workers, precision=precision,
+                            progress=not no_progress)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,17 +70,8 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
               help="Seeds table (CSV or Parquet): image_path, coordX, coordY, coordZ (or Image, Mask[, Label]).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output table: .parquet or .csv.")
-@click.option("--model", default="resnet50_3d.fmcib", show_default=True, help="Registry name or hf-hub:org/repo[@rev].")
-@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Local weights file or folder (skips the Hub).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--num-workers", default=None, type=click.IntRange(min=0), help="Loader processes [default: half the cores].")
-@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]),
-              help="Coordinate system of coordX/Y/Z.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@extraction_options
 @click.option("--resume", is_flag=True, help="Skip rows already in --out (or saved by an interrupted run).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
 def extract(ctx: click.Context, table: Path, out: Path, model: str, weights: Path | None, device: str,
             batch_size: int, num_workers: int | None, coords: str, precision: str, resume: bool,
@@ -62,13 +85,10 @@ def extract(ctx: click.Context, table: Path, out: Path, model: str, weights: Pat
     reason in <out stem>.errors.csv; the good rows are written and the exit status is 3.
     """
     from .exceptions import FmcibError
-    from .extract import FeatureExtractor
     from .runs import run_extraction
 
     try:
-        extractor = FeatureExtractor(model=model, weights=weights, device=None if device == "auto" else device,
-                                     batch_size=batch_size, num_workers=num_workers, precision=precision,
-                                     progress=not no_progress)
+        extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
         summary = run_extraction(table, out, extractor, coords=coords, resume=resume)
     except FmcibError as exc:
         _fail(exc, ctx.obj["debug"])
@@ -201,3 +221,216 @@ def weights_download(ctx: click.Context, model: str, revision: str | None) -> No
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# ----------------------------------------------------------------------------------------------- downstream
+_TABLE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _read(path: Path) -> Any:
+    from .io import read_table
+
+    return read_table(path)
+
+
+@main.group()
+def probe() -> None:
+    """Linear probes (Optuna-tuned logistic regression) on extracted features."""
+
+
+@probe.command("fit")
+@click.option("--features", required=True, type=_TABLE, help="Table from `fmcib extract` (pred_* columns).")
+@click.option("--label", required=True, help="Column holding the class labels.")
+@click.option("--tune-col", default=None, help="Column marking tuning rows (truthy); otherwise stratified CV.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Probe file (.json).")
+@click.option("--n-trials", default=100, show_default=True, type=click.IntRange(min=0))
+@click.option("--penalty", "penalties", multiple=True, default=["l2"], show_default=True,
+              type=click.Choice(["l2", "l1"]), help="Penalties to search (repeatable).")
+@click.option("--scoring", default="auto", show_default=True,
+              type=click.Choice(["auto", "auc", "balanced_accuracy", "average_precision"]))
+@click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.pass_context
+def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | None, out: Path, n_trials: int,
+              penalties: tuple[str, ...], scoring: str, cv: int, seed: int) -> None:
+    """Fit a probe on the rows with a label (tuning rows, if marked, only tune).
+
+    \b
+    Example:
+      fmcib probe fit --features f.parquet --label malignant --tune-col is_tune --out probe.json
+    """
+    from .probes import LogisticProbe, feature_matrix
+
+    try:
+        table = _read(features)
+        for col in [label] + ([tune_col] if tune_col else []):
+            if col not in table.columns:
+                raise click.BadParameter(f"column {col!r} not in {features}", param_hint="--label/--tune-col")
+        table = table[table[label].notna()]
+        X, y = feature_matrix(table), table[label].to_numpy()
+        model = LogisticProbe(n_trials=n_trials, penalties=penalties, scoring=scoring, cv=cv, random_state=seed)
+        if tune_col:
+            tune = table[tune_col].fillna(False).astype(bool).to_numpy()
+            model.fit(X[~tune], y[~tune], X_tune=X[tune], y_tune=y[tune])
+        else:
+            model.fit(X, y)
+        model.save(out)
+    except ValueError as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    click.echo(f"probe: C={model.best_params_['C']:.3g} ({model.best_params_['penalty']}), tuning "
+               f"{model._objective_metric()}={model.best_score_:.3f}, {model.n_dropped_} rows dropped; wrote {out}",
+               err=True)
+
+
+@probe.command("predict")
+@click.option("--model", "model_path", required=True, type=_TABLE, help="Probe file from `fmcib probe fit`.")
+@click.option("--features", required=True, type=_TABLE)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".csv or .parquet")
+@click.pass_context
+def probe_predict(ctx: click.Context, model_path: Path, features: Path, out: Path) -> None:
+    """Write every row's class probabilities (prob_<class>) and prediction, with the non-feature columns."""
+    import numpy as np
+
+    from .io import write_table
+    from .probes import feature_matrix, load_probe
+
+    try:
+        model = load_probe(model_path)
+        table = _read(features)
+        X = feature_matrix(table)
+        ok = np.all(np.isfinite(X.to_numpy(np.float64)), axis=1)
+        keep = table[[c for c in table.columns if c not in X.columns]].copy()
+        proba = np.full((len(table), len(model.classes_)), np.nan)
+        proba[ok] = model.predict_proba(X[ok])
+        for k, cls in enumerate(model.classes_):
+            keep[f"prob_{cls}"] = proba[:, k]
+        keep["prediction"] = np.where(ok, model.classes_[np.argmax(np.nan_to_num(proba, nan=-1), axis=1)], None)
+        write_table(keep, out)
+    except ValueError as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    if (~ok).any():
+        click.echo(f"{int((~ok).sum())} row(s) with missing features got no prediction", err=True)
+    click.echo(f"wrote {len(keep)} rows to {out}", err=True)
+
+
+@main.command()
+@click.option("--predictions", required=True, type=_TABLE, help="Table with time, event and score columns.")
+@click.option("--time", "time_col", required=True)
+@click.option("--event", "event_col", required=True, help="1 = event observed, 0 = censored.")
+@click.option("--score", "score_col", required=True, help="Risk score (higher = worse).")
+@click.option("--tune-col", default=None, help="Column marking tuning rows: the threshold is chosen there.")
+@click.option("--horizon", default=None, type=float, help="Also report AUC for an event by this time.")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.pass_context
+def survival(ctx: click.Context, predictions: Path, time_col: str, event_col: str, score_col: str,
+             tune_col: str | None, horizon: float | None, out_dir: Path) -> None:
+    """Median-split risk groups, KM curves, log-rank, Cox and C-index for a score.
+
+    \b
+    Example:
+      fmcib survival --predictions p.csv --time os_months --event death --score prob_1 --tune-col is_tune --out-dir surv/
+    """
+    from .survival import survival_report
+
+    try:
+        report = survival_report(_read(predictions), time_col, event_col, score_col, tune_col=tune_col,
+                                 horizon=horizon, out_dir=out_dir)
+    except ValueError as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    hr = report.cox_groups
+    click.echo(f"log-rank p={report.logrank['p_value']:.3g}; HR high vs low {hr.get('hr', float('nan')):.2f} "
+               f"({hr.get('hr_low', float('nan')):.2f}-{hr.get('hr_high', float('nan')):.2f}); "
+               f"C-index {report.c_index:.3f}; wrote {out_dir}", err=True)
+
+
+@main.group()
+def stability() -> None:
+    """Feature stability: seed perturbation and test-retest ICC."""
+
+
+@stability.command("perturb")
+@click.option("--csv", "table", required=True, type=_TABLE, help="Seeds table (coordX/Y/Z).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Per-feature stability table (.csv or .parquet).")
+@click.option("--n", "n_perturbations", default=50, show_default=True, type=click.IntRange(min=2))
+@click.option("--variance", default=16.0, show_default=True, type=click.FloatRange(min=0),
+              help="Variance per axis, in patch voxels^2.")
+@click.option("--features-out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Also keep the perturbed seeds' features here.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@extraction_options
+@click.pass_context
+def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbations: int, variance: float,
+                      features_out: Path | None, seed: int, model: str, weights: Path | None, device: str,
+                      batch_size: int, num_workers: int | None, coords: str, precision: str,
+                      no_progress: bool) -> None:
+    """Extract features at perturbed seeds and report per-feature ICC(1,1) and CV.
+
+    \b
+    Example:
+      fmcib stability perturb --csv seeds.csv --out stab.csv --n 50 --variance 16
+    """
+    from .exceptions import FmcibError
+    from .extract import extract_features
+    from .io import write_table
+    from .stability import perturb_seeds, perturbation_stability
+
+    try:
+        extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
+        seeds = _read(table)
+        if coords == "voxel":
+            raise click.BadParameter("perturbation works on physical coordinates (lps/ras)", param_hint="--coords")
+        perturbed = perturb_seeds(seeds, n=n_perturbations, variance=variance,
+                                  spacing_mm=extractor.preprocess_config.spacing_mm, random_state=seed)
+        feats = extract_features(perturbed, model=extractor, coords=coords, base_dir=table.parent)
+        result = perturbation_stability(feats)
+        write_table(result, out)
+        if features_out:
+            write_table(feats, features_out)
+    except (FmcibError, ValueError) as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    click.echo(f"{(result.icc >= 0.75).sum()} of {len(result)} features have ICC >= 0.75; wrote {out}", err=True)
+
+
+@stability.command("icc")
+@click.option("--test", "test_path", required=True, type=_TABLE)
+@click.option("--retest", "retest_path", required=True, type=_TABLE)
+@click.option("--key", required=True, help="Column pairing test and retest rows (e.g. lesion id).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def stability_icc(ctx: click.Context, test_path: Path, retest_path: Path, key: str, out: Path) -> None:
+    """Per-feature test-retest ICC(1,1)/(2,1)/(3,1) with 95% CIs, Spearman and R^2."""
+    from .io import write_table
+    from .stability import retest_agreement
+
+    try:
+        result = retest_agreement(_read(test_path), _read(retest_path), key)
+        write_table(result, out)
+    except ValueError as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    click.echo(f"{len(result)} features over {int(result.n_pairs.iloc[0])} pairs; median ICC(1,1) "
+               f"{result['ICC(1,1)'].median():.3f}; wrote {out}", err=True)
+
+
+@main.command()
+@click.option("--csv", "table", required=True, type=_TABLE, help="Seeds table.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG (pages: _page<i>).")
+@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
+@click.option("--rows-per-page", default=8, show_default=True, type=click.IntRange(min=1))
+@click.pass_context
+def qc(ctx: click.Context, table: Path, out: Path, coords: str, rows_per_page: int) -> None:
+    """Montage of each seed's patch (axial, coronal, sagittal) to check that seeds land on lesions."""
+    from .exceptions import FmcibError
+    from .plots import qc_montage
+
+    try:
+        pages = qc_montage(table, out, coords=coords, rows_per_page=rows_per_page)
+    except (FmcibError, ValueError) as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    click.echo(f"wrote {len(pages)} page(s): {', '.join(map(str, pages))}", err=True)

@@ -451,6 +451,7 @@ def extract_features(
     progress: bool = True,
     on_error: Literal["warn", "raise"] = "warn",
     start_method: str | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Extract encoder features for every seed in a table.
 
@@ -462,7 +463,8 @@ def extract_features(
         An optional ``SeriesInstanceUID`` column picks a series in a DICOM folder. Relative paths are
         taken from the working directory, else from the table's folder.
     model, weights, device, batch_size, num_workers, precision, start_method
-        See :class:`FeatureExtractor`.
+        See :class:`FeatureExtractor`. ``model`` may also be a ready :class:`FeatureExtractor`, which is
+        then used as it is (the other five are ignored).
     coords : {"lps", "ras", "voxel"}, default="lps"
         Coordinate system of ``coordX/Y/Z`` (see :func:`fmcib.seeds.to_lps`).
     progress : bool, default=True
@@ -470,6 +472,8 @@ def extract_features(
     on_error : {"warn", "raise"}, default="warn"
         ``"warn"``: failed rows are left out of the result, listed in a warning and in
         ``result.attrs["fmcib_errors"]``; ``"raise"``: raise :class:`FmcibError` listing them.
+    base_dir : path, optional
+        Second place to look for relative image paths of a DataFrame (a path table uses its folder).
 
     Returns
     -------
@@ -482,13 +486,13 @@ def extract_features(
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
     coords = _validate_coords(coords)
     if isinstance(table, pd.DataFrame):
-        df, base_dir, name = table.reset_index(drop=True), None, "table"
+        df, name = table.reset_index(drop=True), "table"
     else:
         df, base_dir, name = read_table(table), Path(table).parent, f"'{table}'"
     plan_scans(df.iloc[:0], name=name)  # column check before loading anything
-    extractor = FeatureExtractor(model=model, weights=weights, device=device, batch_size=batch_size,
-                                 num_workers=num_workers, precision=precision, progress=progress,
-                                 start_method=start_method)
+    extractor = model if isinstance(model, FeatureExtractor) else FeatureExtractor(
+        model=model, weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
+        precision=precision, progress=progress, start_method=start_method)
     batches: list[BatchResult] = []
     errors: list[RowError] = []
     for res in extractor.iter_table(df, coords=coords, base_dir=base_dir, name=name):

@@ -38,8 +38,10 @@ def random_trunk(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = build_architecture(config.architecture, config.model_args)
     state = model.state_dict()
-    for k, v in state.items():
-        if v.is_floating_point() and ("running_" in k):
+    for k, v in state.items():  # non-trivial statistics that still leave activations alive after ReLU
+        if k.endswith("running_mean"):
+            v.copy_(torch.randn_like(v) * 0.05)
+        elif k.endswith("running_var"):
             v.copy_(torch.rand_like(v) + 0.5)
     return {k: v.clone() for k, v in state.items()}
 

@@ -186,3 +186,14 @@ def test_model_cards_match_the_registry():
         assert config == get_model_config(folder.name).to_dict(), folder.name
         card = (folder / "README.md").read_text()
         assert card.startswith("---\nlicense:") and "## Input contract" in card
+
+
+def test_tiny_test_encoder_gives_informative_features(synthetic_cases, tiny_model_dir):
+    # Guard for the fixtures themselves: an encoder that outputs constants would make every
+    # downstream comparison in the suite vacuous.
+    import fmcib
+
+    out = fmcib.extract_features(synthetic_cases[["image_path", "coordX", "coordY", "coordZ"]].iloc[:4],
+                                 weights=tiny_model_dir, num_workers=0, progress=False)
+    feats = out.filter(like="pred_").to_numpy()
+    assert (feats.std(axis=0) > 0).mean() > 0.5

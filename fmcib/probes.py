@@ -1,0 +1,366 @@
+"""Linear probes on extracted features: an Optuna-tuned logistic regression as a scikit-learn estimator.
+
+The paper's recipe: standardise the features, fit a logistic regression, and search its inverse
+regularisation ``C`` log-uniformly in [1e-6, 1e3] with Optuna, scoring AUC on a tuning set. The
+probe is saved as plain JSON (scaler, coefficients, settings), never as a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._version import __version__
+from .evaluation import score_metric
+from .io import atomic_path
+
+__all__ = ["LogisticProbe", "feature_matrix", "drop_missing", "limited_data_curve", "load_probe"]
+
+log = logging.getLogger(__name__)
+
+FEATURE_PREFIX = "pred_"
+PROBE_FORMAT = "fmcib.LogisticProbe/1"
+PENALTIES = ("l2", "l1")
+UNDEFINED_SCORE = -1.0  # what a trial scores when its metric is undefined (below any real AUC/accuracy/AP)
+
+
+def feature_matrix(table: pd.DataFrame, prefix: str = FEATURE_PREFIX) -> pd.DataFrame:
+    """The feature columns (``pred_0 ... pred_{D-1}``) of an extracted table, in numeric order.
+
+    Raises
+    ------
+    ValueError
+        The table has no column starting with ``prefix``.
+    """
+    cols = [c for c in table.columns if str(c).startswith(prefix) and str(c)[len(prefix):].isdigit()]
+    if not cols:
+        raise ValueError(f"no feature columns '{prefix}0', '{prefix}1', ... in the table (columns: "
+                         f"{list(table.columns)[:8]}{' ...' if len(table.columns) > 8 else ''})")
+    cols.sort(key=lambda c: int(str(c)[len(prefix):]))
+    return table[cols]
+
+
+def drop_missing(X: Any, y: Any = None) -> tuple[Any, Any, np.ndarray]:
+    """Drop rows with any missing feature (and a missing label), keeping features and labels aligned.
+
+    Returns
+    -------
+    X, y, kept : the kept rows (same types as given) and the boolean mask of kept rows.
+    """
+    values = X.to_numpy(dtype=np.float64) if isinstance(X, pd.DataFrame) else np.asarray(X, dtype=np.float64)
+    kept = np.all(np.isfinite(values), axis=1)
+    if y is not None:
+        kept &= ~pd.isna(np.asarray(y, dtype=object))
+    take = (lambda a: a[kept] if not isinstance(a, (pd.DataFrame, pd.Series)) else a.loc[kept])
+    return take(X), (take(np.asarray(y) if not isinstance(y, pd.Series) else y) if y is not None else None), kept
+
+
+def _logistic(C: float, penalty: str, max_iter: int, random_state: int | None) -> LogisticRegression:
+    """A LogisticRegression with an L1 or L2 penalty, across scikit-learn versions."""
+    solver = "saga" if penalty == "l1" else "lbfgs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:  # scikit-learn >= 1.8: the penalty is l1_ratio
+            return LogisticRegression(C=C, l1_ratio=1.0 if penalty == "l1" else 0.0, solver=solver,
+                                      max_iter=max_iter, random_state=random_state)
+        except TypeError:  # pragma: no cover - older scikit-learn
+            return LogisticRegression(C=C, penalty=penalty, solver=solver, max_iter=max_iter,
+                                      random_state=random_state)
+
+
+class LogisticProbe(ClassifierMixin, BaseEstimator):
+    """Standardised logistic regression whose ``C`` (and penalty) Optuna tunes, as in the paper.
+
+    Parameters
+    ----------
+    n_trials : int, default=100
+        Optuna trials. ``0`` skips tuning and uses ``C``.
+    C : float, default=1.0
+        Inverse regularisation strength used when ``n_trials=0``.
+    C_range : (float, float), default=(1e-6, 1e3)
+        Log-uniform search range for ``C``.
+    penalties : sequence of {"l2", "l1"}, default=("l2",)
+        Penalties Optuna may choose from (L1 uses the slower ``saga`` solver).
+    scoring : {"auto", "auc", "balanced_accuracy", "average_precision"}, default="auto"
+        Tuning objective. ``"auto"``: AUC (binary) or macro one-vs-rest AUC (multiclass).
+    cv : int, default=5
+        Stratified folds used for tuning when ``fit`` gets no tuning set.
+    max_iter : int, default=1000
+    random_state : int, optional
+        Seeds Optuna's sampler, the folds and the solver: same data and seed, same probe.
+
+    Attributes
+    ----------
+    pipeline_ : sklearn.pipeline.Pipeline
+        The final StandardScaler + LogisticRegression, refitted on all training rows.
+    study_ : optuna.study.Study or None
+        The tuning study (``None`` when not tuned or after :func:`load_probe`).
+    best_params_ : dict
+        ``C`` and ``penalty`` used by ``pipeline_``.
+    best_score_ : float
+        Tuning objective of ``best_params_`` (NaN when not tuned).
+    classes_, n_features_in_, feature_names_in_ : as in scikit-learn.
+    n_dropped_ : int
+        Training rows dropped for missing features or labels.
+    """
+
+    def __init__(self, n_trials: int = 100, C: float = 1.0, C_range: tuple[float, float] = (1e-6, 1e3),
+                 penalties: Sequence[str] = ("l2",), scoring: str = "auto", cv: int = 5, max_iter: int = 1000,
+                 random_state: int | None = None) -> None:
+        self.n_trials = n_trials
+        self.C = C
+        self.C_range = C_range
+        self.penalties = penalties
+        self.scoring = scoring
+        self.cv = cv
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _objective_metric(self) -> str:
+        return "auc" if self.scoring == "auto" else str(self.scoring)
+
+    def _validate_settings(self) -> None:
+        bad = [p for p in self.penalties if p not in PENALTIES]
+        if bad or not self.penalties:
+            raise ValueError(f"penalties must be a non-empty subset of {PENALTIES}, got {self.penalties!r}")
+        if self.scoring not in ("auto", "auc", "balanced_accuracy", "average_precision"):
+            raise ValueError(f"unknown scoring {self.scoring!r}")
+        lo, hi = self.C_range
+        if not 0 < lo < hi:
+            raise ValueError(f"C_range must satisfy 0 < low < high, got {self.C_range!r}")
+        if int(self.n_trials) < 0:
+            raise ValueError(f"n_trials must be >= 0, got {self.n_trials}")
+
+    def fit(self, X: Any, y: Any, X_tune: Any = None, y_tune: Any = None) -> LogisticProbe:
+        """Tune (on ``X_tune, y_tune`` or by stratified CV on ``X, y``) and fit on all of ``X, y``.
+
+        Rows with a missing feature or label are dropped together with their label (counted in
+        ``n_dropped_`` and logged).
+        """
+        self._validate_settings()
+        y_missing = pd.isna(np.asarray(y, dtype=object).ravel()) if y is not None else None
+        X, y = validate_data(self, X, y, reset=True, ensure_all_finite="allow-nan", dtype=np.float64)
+        kept = np.all(np.isfinite(X), axis=1) & ~y_missing
+        self.n_dropped_ = int((~kept).sum())
+        if self.n_dropped_:
+            log.warning("LogisticProbe: dropped %d of %d training rows with missing features or labels",
+                        self.n_dropped_, len(kept))
+            X, y = X[kept], y[kept]
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"need at least two classes to fit a probe, got one class ({self.classes_.tolist()})")
+        tune = None
+        if X_tune is not None:
+            Xt = validate_data(self, X_tune, reset=False, ensure_all_finite="allow-nan", dtype=np.float64)
+            yt = np.asarray(y_tune).ravel()
+            ok = np.all(np.isfinite(Xt), axis=1) & ~pd.isna(yt.astype(object))
+            tune = (Xt[ok], yt[ok])
+        self.study_ = None
+        if int(self.n_trials) > 0:
+            self.best_params_, self.best_score_ = self._tune(X, y, tune)
+        else:
+            self.best_params_, self.best_score_ = {"C": float(self.C), "penalty": self.penalties[0]}, float("nan")
+        self.pipeline_ = self._make(self.best_params_).fit(X, y)
+        self.n_iter_ = self.pipeline_.named_steps["logistic"].n_iter_
+        return self
+
+    def _make(self, params: dict[str, Any]) -> Pipeline:
+        return Pipeline([("scaler", StandardScaler()),
+                         ("logistic", _logistic(params["C"], params["penalty"], self.max_iter, self.random_state))])
+
+    def _score(self, model: Pipeline, X: np.ndarray, y: np.ndarray) -> float:
+        present = np.unique(y)
+        if not np.isin(present, model.classes_).all():
+            raise ValueError(f"the tuning set holds classes {np.setdiff1d(present, model.classes_).tolist()} "
+                             "that the training set lacks")
+        proba = _align_proba(model.predict_proba(X), model.classes_, present)
+        return score_metric(self._objective_metric(), y, proba)
+
+    def _tune(self, X: np.ndarray, y: np.ndarray, tune: tuple[np.ndarray, np.ndarray] | None
+              ) -> tuple[dict[str, Any], float]:
+        import optuna
+
+        folds: list[Any] = []
+        if tune is None:
+            folds = list(StratifiedKFold(n_splits=int(self.cv), shuffle=True,
+                                         random_state=self.random_state).split(X, y))
+
+        def objective(trial: Any) -> float:
+            params = {"C": trial.suggest_float("C", *self.C_range, log=True),
+                      "penalty": trial.suggest_categorical("penalty", list(self.penalties))}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence warnings at extreme C
+                if tune is not None:
+                    value = self._score(self._make(params).fit(X, y), *tune)
+                else:
+                    value = float(np.nanmean([self._score(self._make(params).fit(X[tr], y[tr]), X[te], y[te])
+                                              for tr, te in folds]))
+            return value if np.isfinite(value) else UNDEFINED_SCORE
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=self.random_state)
+        self.study_ = optuna.create_study(direction="maximize", sampler=sampler)
+        self.study_.optimize(objective, n_trials=int(self.n_trials))
+        best = self.study_.best_trial
+        score = float(best.value) if best.value != UNDEFINED_SCORE else float("nan")
+        if np.isnan(score):
+            log.warning("LogisticProbe: the tuning metric was undefined in every trial (a class missing from "
+                        "every tuning fold?); C=%g was kept without a score", best.params["C"])
+        return {"C": float(best.params["C"]), "penalty": str(best.params["penalty"])}, score
+
+    def _features(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "pipeline_")
+        X = validate_data(self, X, reset=False, ensure_all_finite=False)
+        bad = np.flatnonzero(~np.all(np.isfinite(X), axis=1))
+        if len(bad):
+            raise ValueError(f"rows {bad[:10].tolist()}{' ...' if len(bad) > 10 else ''} have missing features; "
+                             "drop them first (fmcib.probes.drop_missing)")
+        return X
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, columns in the order of ``classes_``."""
+        X = self._features(X)
+        return self.pipeline_.predict_proba(X)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Linear scores (log-odds for binary probes)."""
+        X = self._features(X)
+        return self.pipeline_.decision_function(X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted probe as JSON (scaler, coefficients, settings, provenance), atomically."""
+        check_is_fitted(self, "pipeline_")
+        scaler, logistic = self.pipeline_.named_steps["scaler"], self.pipeline_.named_steps["logistic"]
+        doc = {
+            "format": PROBE_FORMAT,
+            "fmcib_version": __version__,
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()},
+            "best_params": self.best_params_,
+            "best_score": None if np.isnan(self.best_score_) else self.best_score_,
+            "n_dropped": self.n_dropped_,
+            "classes": self.classes_.tolist(),
+            "feature_names": (self.feature_names_in_.tolist() if hasattr(self, "feature_names_in_") else None),
+            "scaler": {"mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist(), "var": scaler.var_.tolist(),
+                       "n_samples_seen": int(scaler.n_samples_seen_)},
+            "coef": logistic.coef_.tolist(),
+            "intercept": logistic.intercept_.tolist(),
+        }
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(doc))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LogisticProbe:
+        """Read a probe written by :meth:`save`; it predicts exactly as before saving."""
+        return load_probe(path)
+
+
+def load_probe(path: str | os.PathLike) -> LogisticProbe:
+    """Read a probe written by :meth:`LogisticProbe.save` (plain JSON, no code is executed)."""
+    doc = json.loads(Path(path).read_text())
+    if doc.get("format") != PROBE_FORMAT:
+        raise ValueError(f"'{path}' is not an fmcib probe file (format {doc.get('format')!r}, "
+                         f"expected {PROBE_FORMAT!r})")
+    params = dict(doc["params"])
+    params["C_range"] = tuple(params["C_range"])
+    params["penalties"] = tuple(params["penalties"])
+    probe = LogisticProbe(**params)
+    probe.best_params_ = doc["best_params"]
+    probe.best_score_ = float("nan") if doc["best_score"] is None else float(doc["best_score"])
+    probe.n_dropped_ = int(doc["n_dropped"])
+    probe.study_ = None
+    probe.classes_ = np.asarray(doc["classes"])
+    coef = np.asarray(doc["coef"], dtype=np.float64)
+    probe.n_features_in_ = coef.shape[1]
+    if doc["feature_names"] is not None:
+        probe.feature_names_in_ = np.asarray(doc["feature_names"], dtype=object)
+    scaler = StandardScaler()
+    scaler.mean_ = np.asarray(doc["scaler"]["mean"])
+    scaler.scale_ = np.asarray(doc["scaler"]["scale"])
+    scaler.var_ = np.asarray(doc["scaler"]["var"])
+    scaler.n_samples_seen_ = doc["scaler"]["n_samples_seen"]
+    scaler.n_features_in_ = coef.shape[1]
+    logistic = _logistic(probe.best_params_["C"], probe.best_params_["penalty"], probe.max_iter, probe.random_state)
+    logistic.coef_ = coef
+    logistic.intercept_ = np.asarray(doc["intercept"], dtype=np.float64)
+    logistic.classes_ = probe.classes_
+    logistic.n_features_in_ = coef.shape[1]
+    logistic.n_iter_ = np.zeros(1, dtype=np.int32)
+    probe.pipeline_ = Pipeline([("scaler", scaler), ("logistic", logistic)])
+    return probe
+
+
+def _align_proba(proba: np.ndarray, model_classes: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Probabilities restricted to the classes present in the labels (for scoring subsets)."""
+    if len(present) == len(model_classes):
+        return proba
+    cols = np.searchsorted(model_classes, present)
+    sub = proba[:, cols]
+    return sub / sub.sum(axis=1, keepdims=True)
+
+
+def limited_data_curve(
+    estimator: Any,
+    X_train: Any,
+    y_train: Any,
+    X_test: Any,
+    y_test: Any,
+    fractions: Sequence[float] = (0.1, 0.2, 0.5, 1.0),
+    n_repeats: int = 5,
+    metric: str = "auc",
+    random_state: int | None = None,
+) -> pd.DataFrame:
+    """Train on stratified subsamples of the training set and score each on a fixed test set (the paper's
+    limited-data experiment).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (fraction, repeat): ``fraction``, ``repeat``, ``n_train``, ``score``. At fraction 1.0
+        the repeats differ only by the estimator's own randomness, so one repeat is run.
+    """
+    from sklearn.base import clone
+
+    X_train, y_train, _ = drop_missing(X_train, y_train)
+    X_test, y_test, _ = drop_missing(X_test, y_test)
+    y_arr = np.asarray(y_train)
+    rows = []
+    rng = np.random.default_rng(random_state)
+    for fraction in fractions:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fractions must lie in (0, 1], got {fraction}")
+        repeats = 1 if fraction == 1 else int(n_repeats)
+        for r in range(repeats):
+            if fraction == 1:
+                idx = np.arange(len(y_arr))
+            else:
+                split = StratifiedShuffleSplit(n_splits=1, train_size=fraction,
+                                               random_state=int(rng.integers(2**31 - 1)))
+                idx, _ = next(split.split(np.zeros(len(y_arr)), y_arr))
+            model = clone(estimator)
+            Xs = X_train.iloc[idx] if isinstance(X_train, pd.DataFrame) else np.asarray(X_train)[idx]
+            model.fit(Xs, y_arr[idx])
+            proba = _align_proba(model.predict_proba(X_test), model.classes_, np.unique(y_test))
+            rows.append({"fraction": float(fraction), "repeat": r, "n_train": len(idx),
+                         "score": score_metric(metric, y_test, proba)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,107 @@
+"""Downstream commands end to end: probe fit/predict, survival, stability (real CT), QC montage."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from fmcib.cli import main
+from fmcib.probes import load_probe
+
+BUNDLED = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_probe_fit_predict_and_survival_commands(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 160, 12
+    y = rng.integers(0, 2, n)
+    X = rng.normal(size=(n, d))
+    X[:, 0] += 1.5 * y
+    table = pd.DataFrame(X, columns=[f"pred_{i}" for i in range(d)]).assign(
+        case=[f"c{i}" for i in range(n)], label=y.astype(float), is_tune=np.arange(n) % 4 == 0)
+    table.loc[5, "label"] = np.nan  # unlabeled rows are not used for fitting
+    table.loc[7, "pred_3"] = np.nan  # missing features: dropped in fit, no prediction
+    table.to_csv(tmp_path / "f.csv", index=False)
+    res = _cli("probe", "fit", "--features", tmp_path / "f.csv", "--label", "label", "--tune-col", "is_tune",
+               "--out", tmp_path / "probe.json", "--n-trials", "5")
+    assert res.exit_code == 0, res.output
+    assert load_probe(tmp_path / "probe.json").n_dropped_ == 1
+    res = _cli("probe", "predict", "--model", tmp_path / "probe.json", "--features", tmp_path / "f.csv",
+               "--out", tmp_path / "p.csv")
+    assert res.exit_code == 0, res.output
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert len(preds) == n and preds.case.tolist() == table.case.tolist()
+    assert preds.loc[7, ["prob_0.0", "prob_1.0"]].isna().all()
+    np.testing.assert_allclose(preds[["prob_0.0", "prob_1.0"]].drop(index=7).sum(axis=1), 1.0)
+    assert preds["prob_1.0"][y == 1].mean() > preds["prob_1.0"][y == 0].mean() + 0.3
+
+    # survival on the probe's score: times depend on the true label
+    preds["time"] = rng.exponential(np.where(y == 1, 1.0, 3.0))
+    preds["event"] = 1
+    preds["is_tune"] = table.is_tune
+    preds.to_csv(tmp_path / "p.csv", index=False)
+    res = _cli("survival", "--predictions", tmp_path / "p.csv", "--time", "time", "--event", "event",
+               "--score", "prob_1.0", "--tune-col", "is_tune", "--out-dir", tmp_path / "surv")
+    assert res.exit_code == 0, res.output
+    assert {"km.png", "km.svg", "survival.json", "cox.csv"} <= {p.name for p in (tmp_path / "surv").iterdir()}
+    res = _cli("survival", "--predictions", tmp_path / "p.csv", "--time", "nope", "--event", "event",
+               "--score", "prob_1.0", "--out-dir", tmp_path / "surv")
+    assert res.exit_code == 1 and "'nope'" in res.output
+
+
+def test_stability_perturb_on_real_ct_then_icc_and_qc(tiny_model_dir, tmp_path):
+    shutil.copytree(BUNDLED, tmp_path / "data")
+    seeds = tmp_path / "data" / "seeds.csv"
+    out = tmp_path / "stab.csv"
+    res = _cli("stability", "perturb", "--csv", seeds, "--out", out, "--n", "4", "--weights", tiny_model_dir,
+               "--features-out", tmp_path / "perturbed.parquet", "--num-workers", "0", "--no-progress")
+    assert res.exit_code == 0, res.output
+    stab = pd.read_csv(out)
+    feats = pd.read_parquet(tmp_path / "perturbed.parquet")
+    assert len(feats) == 12 and feats.fmcib_seed_row.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert feats.lesion_id.iloc[4] == "STS_019_x+10"  # user columns carried through
+    n_features = sum(c.startswith("pred_") for c in feats.columns)
+    assert len(stab) == n_features and (stab.n_perturbations == 4).all() and (stab.n_lesions == 3).all()
+    finite = stab.icc.dropna()
+    assert len(finite) > 0 and (finite <= 1).all()
+
+    # test-retest ICC: perturbation 0 vs 1 as two "sessions"
+    test = feats[feats.fmcib_perturbation == 0]
+    retest = feats[feats.fmcib_perturbation == 1]
+    test.to_csv(tmp_path / "t.csv", index=False)
+    retest.to_csv(tmp_path / "r.csv", index=False)
+    res = _cli("stability", "icc", "--test", tmp_path / "t.csv", "--retest", tmp_path / "r.csv",
+               "--key", "lesion_id", "--out", tmp_path / "icc.csv")
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(tmp_path / "icc.csv")) == n_features
+
+    # QC montage over two pages, with one failing row shown instead of stopping the run
+    table = pd.read_csv(seeds)
+    table.loc[len(table)] = ["STS_019/CT_image.nii.gz", 9999.0, 0.0, 0.0, "outside", "bad seed"]
+    table.to_csv(tmp_path / "data" / "qc.csv", index=False)
+    res = _cli("qc", "--csv", tmp_path / "data" / "qc.csv", "--out", tmp_path / "qc.png", "--rows-per-page", "3")
+    assert res.exit_code == 0, res.output
+    pages = sorted(tmp_path.glob("qc_page*.png"))
+    assert [p.name for p in pages] == ["qc_page1.png", "qc_page2.png"]
+    from PIL import Image
+
+    assert Image.open(pages[0]).size[1] > Image.open(pages[1]).size[1]  # 3 rows vs the failed row alone
+
+
+def test_tsne_plot_runs_headless():
+    from fmcib.plots import plot_tsne
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 30)
+    X = rng.normal(size=(60, 10)) + (y == "b")[:, None] * 3
+    ax = plot_tsne(pd.DataFrame(X, columns=[f"pred_{i}" for i in range(10)]), y, perplexity=10)
+    assert len(ax.collections) >= 2 and ax.get_legend() is not None
