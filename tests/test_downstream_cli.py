@@ -105,3 +105,13 @@ def test_tsne_plot_runs_headless():
     X = rng.normal(size=(60, 10)) + (y == "b")[:, None] * 3
     ax = plot_tsne(pd.DataFrame(X, columns=[f"pred_{i}" for i in range(10)]), y, perplexity=10)
     assert len(ax.collections) >= 2 and ax.get_legend() is not None
+
+
+def test_downstream_example_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "downstream_example.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "test AUC" in done.stdout and (tmp_path / "survival" / "km.png").is_file() and (tmp_path / "qc.png").is_file()
