@@ -293,13 +293,13 @@ def probe_predict(ctx: click.Context, model_path: Path, features: Path, out: Pat
     import numpy as np
 
     from .io import write_table
-    from .probes import feature_matrix, load_probe
+    from .probes import complete_rows, feature_matrix, load_probe
 
     try:
         model = load_probe(model_path)
         table = _read(features)
         X = feature_matrix(table)
-        ok = np.all(np.isfinite(X.to_numpy(np.float64)), axis=1)
+        ok = complete_rows(X)
         keep = table[[c for c in table.columns if c not in X.columns]].copy()
         proba = np.full((len(table), len(model.classes_)), np.nan)
         proba[ok] = model.predict_proba(X[ok])

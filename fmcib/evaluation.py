@@ -9,7 +9,7 @@ are one-vs-rest macro averages, as in the paper.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +25,6 @@ __all__ = [
     "score_metric",
     "bootstrap_ci",
     "permutation_test",
-    "metric_table",
     "BootstrapResult",
     "PermutationResult",
 ]
@@ -345,14 +344,3 @@ def permutation_test(
     p_less = (1 + np.sum(d <= observed + eps)) / (1 + len(d))
     p = {"greater": p_greater, "less": p_less, "two-sided": min(1.0, 2 * min(p_greater, p_less))}[alternative]
     return PermutationResult(metric, ma, mb, observed, float(p), n, int(n_permutations), alternative)
-
-
-def metric_table(y_true: Any, scores: dict[str, Sequence[float] | np.ndarray], metrics: Sequence[str] = ("auc",),
-                 **bootstrap_kwargs: Any) -> pd.DataFrame:
-    """One row per (model, metric): estimate and bootstrap CI, for reports."""
-    rows = []
-    for name, score in scores.items():
-        for metric in metrics:
-            r = bootstrap_ci(y_true, score, metric=metric, **bootstrap_kwargs)
-            rows.append({"model": name, **r.to_dict()})
-    return pd.DataFrame(rows)

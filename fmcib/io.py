@@ -138,17 +138,19 @@ class Scan:
             self.name = str(path) if not isinstance(path, sitk.Image) else "<SimpleITK.Image>"
             self.geometry = ImageGeometry.of(self._image)
             return
-        p = Path(path)
-        self.name = str(p)
-        if not p.exists():
-            raise ImageReadError(f"'{p}': file not found")
-        self._reader = sitk.ImageFileReader()
-        self._reader.SetFileName(str(p))
+        self.name = str(Path(path))
+        if not Path(path).exists():
+            raise ImageReadError(f"'{self.name}': file not found")
+        reader = self._reader()
         with _reader_errors(self.name):
-            self._reader.ReadImageInformation()
-        _check_scalar_3d(self.name, self._reader.GetDimension(), self._reader.GetNumberOfComponents(),
-                         self._reader.GetSize())
-        self.geometry = ImageGeometry.of(self._reader)
+            reader.ReadImageInformation()
+        _check_scalar_3d(self.name, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize())
+        self.geometry = ImageGeometry.of(reader)
+
+    def _reader(self) -> sitk.ImageFileReader:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(self.name)
+        return reader
 
     def read(self, region: Region | None = None) -> sitk.Image:
         """Voxels of ``region`` (index, size), or of the whole scan; geometry stays in scan space.
@@ -157,7 +159,7 @@ class Scan:
         """
         if self._image is not None:
             return self._image
-        reader = self._reader
+        reader = self._reader()  # a fresh reader: no region left over from an earlier call
         if region is not None:
             index, size = region
             reader.SetExtractIndex([int(v) for v in index])

@@ -23,13 +23,13 @@ from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
 
 from ._version import __version__
 from .evaluation import score_metric
 from .io import atomic_path
 
-__all__ = ["LogisticProbe", "feature_matrix", "drop_missing", "limited_data_curve", "load_probe"]
+__all__ = ["LogisticProbe", "feature_matrix", "complete_rows", "drop_missing", "limited_data_curve", "load_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,15 @@ def feature_matrix(table: pd.DataFrame, prefix: str = FEATURE_PREFIX) -> pd.Data
     return table[cols]
 
 
+def complete_rows(X: Any, y: Any = None) -> np.ndarray:
+    """Boolean mask of the rows whose features are all finite (and whose label, if given, is present)."""
+    values = X.to_numpy(dtype=np.float64) if isinstance(X, pd.DataFrame) else np.asarray(X, dtype=np.float64)
+    kept = np.all(np.isfinite(values), axis=1)
+    if y is not None:
+        kept &= ~pd.isna(np.asarray(y, dtype=object).ravel())
+    return kept
+
+
 def drop_missing(X: Any, y: Any = None) -> tuple[Any, Any, np.ndarray]:
     """Drop rows with any missing feature (and a missing label), keeping features and labels aligned.
 
@@ -62,10 +71,7 @@ def drop_missing(X: Any, y: Any = None) -> tuple[Any, Any, np.ndarray]:
     -------
     X, y, kept : the kept rows (same types as given) and the boolean mask of kept rows.
     """
-    values = X.to_numpy(dtype=np.float64) if isinstance(X, pd.DataFrame) else np.asarray(X, dtype=np.float64)
-    kept = np.all(np.isfinite(values), axis=1)
-    if y is not None:
-        kept &= ~pd.isna(np.asarray(y, dtype=object))
+    kept = complete_rows(X, y)
     take = (lambda a: a[kept] if not isinstance(a, (pd.DataFrame, pd.Series)) else a.loc[kept])
     return take(X), (take(np.asarray(y) if not isinstance(y, pd.Series) else y) if y is not None else None), kept
 
@@ -153,9 +159,12 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         ``n_dropped_`` and logged).
         """
         self._validate_settings()
-        y_missing = pd.isna(np.asarray(y, dtype=object).ravel()) if y is not None else None
-        X, y = validate_data(self, X, y, reset=True, ensure_all_finite="allow-nan", dtype=np.float64)
-        kept = np.all(np.isfinite(X), axis=1) & ~y_missing
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
+        X = validate_data(self, X, reset=True, ensure_all_finite="allow-nan", dtype=np.float64)
+        y = column_or_1d(y, warn=True)
+        check_consistent_length(X, y)
+        kept = complete_rows(X, y)  # missing labels too: they are dropped, not rejected
         self.n_dropped_ = int((~kept).sum())
         if self.n_dropped_:
             log.warning("LogisticProbe: dropped %d of %d training rows with missing features or labels",
@@ -168,8 +177,8 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         tune = None
         if X_tune is not None:
             Xt = validate_data(self, X_tune, reset=False, ensure_all_finite="allow-nan", dtype=np.float64)
-            yt = np.asarray(y_tune).ravel()
-            ok = np.all(np.isfinite(Xt), axis=1) & ~pd.isna(yt.astype(object))
+            yt = column_or_1d(y_tune)
+            ok = complete_rows(Xt, yt)
             tune = (Xt[ok], yt[ok])
         self.study_ = None
         if int(self.n_trials) > 0:
@@ -227,7 +236,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
     def _features(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "pipeline_")
         X = validate_data(self, X, reset=False, ensure_all_finite=False)
-        bad = np.flatnonzero(~np.all(np.isfinite(X), axis=1))
+        bad = np.flatnonzero(~complete_rows(X))
         if len(bad):
             raise ValueError(f"rows {bad[:10].tolist()}{' ...' if len(bad) > 10 else ''} have missing features; "
                              "drop them first (fmcib.probes.drop_missing)")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .probes import feature_matrix
+from .probes import complete_rows, feature_matrix
 
 __all__ = ["ICC_FORMS", "icc", "retest_agreement", "perturb_seeds", "perturbation_stability", "prediction_spread",
            "stable_features"]
@@ -129,7 +129,7 @@ def _paired(test: pd.DataFrame, retest: pd.DataFrame, key: str) -> tuple[pd.Data
     b = feature_matrix(retest.set_index(key).loc[common].reset_index())
     if list(a.columns) != list(b.columns):
         raise ValueError(f"test has {a.shape[1]} feature columns and retest {b.shape[1]}: not the same features")
-    ok = np.all(np.isfinite(a.to_numpy()), axis=1) & np.all(np.isfinite(b.to_numpy()), axis=1)
+    ok = complete_rows(a) & complete_rows(b)
     return a[ok], b[ok]
 
 
@@ -225,7 +225,7 @@ def perturbation_stability(features: pd.DataFrame, lesion_col: str = SEED_ROW, c
         lesions of std / |mean| across perturbations).
     """
     feats = feature_matrix(features)
-    ok = np.all(np.isfinite(feats.to_numpy(np.float64)), axis=1)
+    ok = complete_rows(feats)
     y = _by_lesion(features[ok], lesion_col, feats[ok])
     long = icc(y, forms=("ICC(1,1)",), confidence=confidence, feature_names=list(feats.columns))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -244,7 +244,7 @@ def prediction_spread(probe: Any, features: pd.DataFrame, lesion_col: str = SEED
         One row per lesion: ``mean``, ``std``, ``min``, ``max`` of the probability and ``n``.
     """
     feats = feature_matrix(features)
-    ok = np.all(np.isfinite(feats.to_numpy(np.float64)), axis=1)
+    ok = complete_rows(feats)
     proba = probe.predict_proba(feats[ok])[:, -1]
     frame = pd.DataFrame({lesion_col: features.loc[ok, lesion_col].to_numpy(), "p": proba})
     return frame.groupby(lesion_col)["p"].agg(["mean", "std", "min", "max", "count"]).rename(

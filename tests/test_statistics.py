@@ -137,10 +137,12 @@ def test_probe_recovers_a_known_signal_and_round_trips_through_json(tmp_path):
 def test_probe_drops_missing_rows_with_their_labels(caplog):
     X, y = _signal_features(n=100)
     X.iloc[[3, 10, 50], 5] = np.nan
+    y = y.astype(float)
+    y[20] = np.nan  # an unlabeled row goes too
     with caplog.at_level(logging.WARNING, logger="fmcib.probes"):
         probe = LogisticProbe(n_trials=0).fit(X, y)
-    assert probe.n_dropped_ == 3 and "dropped 3 of 100" in caplog.text
-    keep = np.setdiff1d(np.arange(100), [3, 10, 50])
+    assert probe.n_dropped_ == 4 and "dropped 4 of 100" in caplog.text
+    keep = np.setdiff1d(np.arange(100), [3, 10, 20, 50])
     reference = make_pipeline(*LogisticProbe(n_trials=0).fit(X.iloc[keep], y[keep]).pipeline_.named_steps.values())
     np.testing.assert_allclose(probe.predict_proba(X.iloc[keep]), reference.predict_proba(X.iloc[keep]))
     with pytest.raises(ValueError, match=r"rows \[3, 10, 50\] have missing features"):
