@@ -2,6 +2,8 @@
 
     python bench/extract.py                      # synthetic 512x512x200 scans + ../shared/data if present
     python bench/extract.py --scans 4 --seeds-per-scan 8 --device cuda --precision bf16
+    python bench/extract.py --suffix .nii --no-shared    # uncompressed scans: reading costs almost nothing
+    python bench/extract.py --threads 1 --num-workers 1  # encoder on one core, the loader on the other
 
 Prints seeds/s end to end (reading, patching, forward), bare-forward patches/s with the same model,
 batch size and threads, their ratio, and peak resident memory; writes the figures as JSON to bench/out/.
@@ -78,12 +80,12 @@ def compare(table: pd.DataFrame, model: torch.nn.Module, args: argparse.Namespac
             "ratio": round(ratios[mid], 3), "ratios_all_repeats": [round(r, 3) for r in ratios]}
 
 
-def synthetic_table(folder: Path, scans: int, seeds_per_scan: int) -> pd.DataFrame:
+def synthetic_table(folder: Path, scans: int, seeds_per_scan: int, suffix: str = ".nii.gz") -> pd.DataFrame:
     frames = []
     for k in range(scans):
         case = make_synthetic_ct(size=(512, 512, 200), spacing=(0.7, 0.7, 1.25), n_lesions=seeds_per_scan,
                                  random_state=k)
-        frames.append(case.save(folder, f"scan{k}"))
+        frames.append(case.save(folder, f"scan{k}", suffix=suffix))
     return pd.concat(frames, ignore_index=True)[["image_path", "coordX", "coordY", "coordZ"]]
 
 
@@ -96,8 +98,13 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".mha", ".nrrd"],
+                   help="file format of the synthetic scans (.nii.gz: compressed, the common case)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/data")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     model = create_model("resnet50_3d.random", pretrained=False, device=device)
@@ -108,8 +115,8 @@ def main() -> None:
         "num_workers": args.num_workers, "precision": args.precision,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        table = synthetic_table(Path(tmp), args.scans, args.seeds_per_scan)
-        results["synthetic"] = {"scans": args.scans, "seeds": len(table), "scan": "512x512x200 int16 .nii.gz",
+        table = synthetic_table(Path(tmp), args.scans, args.seeds_per_scan, args.suffix)
+        results["synthetic"] = {"scans": args.scans, "seeds": len(table), "scan": f"512x512x200 int16 {args.suffix}",
                                 **compare(table, model, args)}
     if not args.no_shared and (SHARED / "manifest.csv").is_file():
         manifest = pd.read_csv(SHARED / "manifest.csv")

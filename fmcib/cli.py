@@ -1,4 +1,4 @@
-"""The ``fmcib`` command line: extract, models, seeds, weights, probe, survival, stability, qc."""
+"""The ``fmcib`` command line: extract, models, seeds, weights, probe, survival, stability, qc, tsne, saliency."""
 
 from __future__ import annotations
 
@@ -361,22 +361,29 @@ def stability() -> None:
 @click.option("--features-out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Also keep the perturbed seeds' features here.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--probe", "probe_path", default=None, type=_TABLE,
+              help="Also report the spread of this probe's predictions over each lesion's perturbed seeds.")
+@click.option("--spread-out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where the prediction spread goes [default: <out stem>.prediction_spread.csv].")
 @extraction_options
 @click.pass_context
 def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbations: int, variance: float,
-                      features_out: Path | None, seed: int, model: str, weights: Path | None, device: str,
-                      batch_size: int, num_workers: int | None, coords: str, precision: str,
-                      no_progress: bool) -> None:
+                      features_out: Path | None, seed: int, probe_path: Path | None, spread_out: Path | None,
+                      model: str, weights: Path | None, device: str, batch_size: int, num_workers: int | None,
+                      coords: str, precision: str, no_progress: bool) -> None:
     """Extract features at perturbed seeds and report per-feature ICC(1,1) and CV.
 
     \b
     Example:
-      fmcib stability perturb --csv seeds.csv --out stab.csv --n 50 --variance 16
+      fmcib stability perturb --csv seeds.csv --out stab.csv --n 50 --variance 16 --probe probe.json
+    With --probe, each lesion's predicted probability (mean, std, min, max over its
+    perturbed seeds) goes to <out stem>.prediction_spread.csv.
     """
     from .exceptions import FmcibError
     from .extract import extract_features
     from .io import write_table
-    from .stability import perturb_seeds, perturbation_stability
+    from .probes import load_probe
+    from .stability import perturb_seeds, perturbation_stability, prediction_spread
 
     try:
         extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
@@ -385,15 +392,23 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
             raise click.BadParameter("perturbation works on physical coordinates (lps/ras)", param_hint="--coords")
         perturbed = perturb_seeds(seeds, n=n_perturbations, variance=variance,
                                   spacing_mm=extractor.preprocess_config.spacing_mm, random_state=seed)
+        probe_model = load_probe(probe_path) if probe_path else None  # a bad probe file fails before extraction
         feats = extract_features(perturbed, model=extractor, coords=coords, base_dir=table.parent)
         result = perturbation_stability(feats)
         write_table(result, out)
         if features_out:
             write_table(feats, features_out)
+        if probe_model is not None:
+            spread = prediction_spread(probe_model, feats)
+            spread_out = spread_out or out.with_name(f"{out.stem}.prediction_spread.csv")
+            write_table(spread, spread_out)
     except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
     click.echo(f"{(result.icc >= 0.75).sum()} of {len(result)} features have ICC >= 0.75; wrote {out}", err=True)
+    if probe_model is not None:
+        click.echo(f"prediction spread over {len(spread)} lesion(s): median std {spread['std'].median():.3g}; "
+                   f"wrote {spread_out}", err=True)
 
 
 @stability.command("icc")
@@ -434,3 +449,81 @@ def qc(ctx: click.Context, table: Path, out: Path, coords: str, rows_per_page: i
         _fail(exc, ctx.obj["debug"])
         return
     click.echo(f"wrote {len(pages)} page(s): {', '.join(map(str, pages))}", err=True)
+
+
+@main.command()
+@click.option("--features", required=True, type=_TABLE, help="Table from `fmcib extract` (pred_* columns).")
+@click.option("--label", required=True, help="Column the points are coloured by.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG, PDF or SVG.")
+@click.option("--perplexity", default=30.0, show_default=True, type=click.FloatRange(min=1.0))
+@click.option("--no-contours", is_flag=True, help="Leave out the per-class density contours.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.pass_context
+def tsne(ctx: click.Context, features: Path, label: str, out: Path, perplexity: float, no_contours: bool,
+         seed: int) -> None:
+    """t-SNE map of the features coloured by a label column, with per-class density contours."""
+    from .plots import plot_tsne, save_figure
+
+    try:
+        table = _read(features)
+        if label not in table.columns:
+            raise ValueError(f"'{features}': no column {label!r} (columns: {list(table.columns)[:20]})")
+        ax = plot_tsne(table, table[label].to_numpy(), perplexity=perplexity, contours=not no_contours,
+                       random_state=seed)
+        ax.set_title(f"{features.name}: {label}", fontsize=9)
+        save_figure(ax.figure, out, dpi=120, bbox_inches="tight")
+    except ValueError as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    click.echo(f"wrote {out}", err=True)
+
+
+@main.command()
+@click.option("--csv", "table", required=True, type=_TABLE, help="Seeds table.")
+@click.option("--probe", "probe_path", required=True, type=_TABLE, help="Probe file from `fmcib probe fit`.")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--target-class", default=None,
+              help="Class whose score is explained (multiclass probes) [default: each patch's predicted class].")
+@click.option("--n-samples", default=25, show_default=True, type=click.IntRange(min=1), help="Noisy copies averaged.")
+@click.option("--noise", default=0.15, show_default=True, type=click.FloatRange(min=0),
+              help="Noise SD as a share of the patch's value range.")
+@click.option("--name-col", default=None, help="Column naming the output files (e.g. a lesion id).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@extraction_options
+@click.pass_context
+def saliency(ctx: click.Context, table: Path, probe_path: Path, out_dir: Path, target_class: str | None,
+             n_samples: int, noise: float, name_col: str | None, seed: int, model: str, weights: Path | None,
+             device: str, batch_size: int, num_workers: int | None, coords: str, precision: str,
+             no_progress: bool) -> None:
+    """Smooth guided backpropagation maps of a probe's score for every seed.
+
+    \b
+    Example:
+      fmcib saliency --csv seeds.csv --probe probe.json --out-dir saliency/
+    Per row: <stem>_patch.nii.gz (HU), <stem>_saliency.nii.gz (same grid, placed in the
+    scan's physical space) and <stem>_saliency.png; saliency.csv lists them. Rows that
+    fail are listed there with their reason and the exit status is 3.
+    """
+    from .exceptions import FmcibError
+    from .io import write_table
+    from .probes import load_probe
+    from .saliency import saliency_maps
+
+    try:
+        probe_model = load_probe(probe_path)
+        if target_class is not None:  # a command-line class name is text; match the probe's class type
+            target: Any = next((c for c in probe_model.classes_.tolist() if str(c) == target_class), target_class)
+        else:
+            target = None
+        extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
+        result = saliency_maps(table, probe_model, out_dir, model=extractor, coords=coords, target_class=target,
+                               n_samples=n_samples, noise=noise, random_state=seed, name_column=name_col)
+        write_table(result, out_dir / "saliency.csv")
+    except (FmcibError, ValueError) as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    failed = int((result.error != "").sum())
+    click.echo(f"wrote {len(result) - failed} saliency map(s) to {out_dir}", err=True)
+    if failed:
+        click.echo(f"{failed} row(s) failed; reasons in {out_dir / 'saliency.csv'}", err=True)
+        ctx.exit(EXIT_ROWS_FAILED)

@@ -96,6 +96,13 @@ def _table_kind(df: pd.DataFrame, name: str) -> str:
     )
 
 
+def load_seed_table(table: pd.DataFrame | str | os.PathLike) -> tuple[pd.DataFrame, Path | None, str]:
+    """The table (index reset), the folder its relative image paths resolve against, and its name for messages."""
+    if isinstance(table, pd.DataFrame):
+        return table.reset_index(drop=True), None, "table"
+    return read_table(table), Path(table).parent, f"'{table}'"
+
+
 def plan_scans(df: pd.DataFrame, base_dir: str | os.PathLike | None = None,
                rows: Sequence[int] | None = None, name: str = "table") -> list[ScanTask]:
     """Group table rows by scan (image path + optional SeriesInstanceUID), keeping first-seen order.
@@ -138,7 +145,8 @@ class ScanDataset:
 
     Picklable (plain data only), so it works with DataLoader workers under fork and spawn.
     Each item is a dict with ``rows`` (int array), ``patches`` ``(k, 1, n, n, n)`` float32,
-    ``padding`` (k,) and ``errors`` (list of :class:`RowError`).
+    ``padding`` (k,), ``origins`` ``(k, 3)`` (LPS mm of each patch's first voxel, see
+    :func:`fmcib.preprocessing.patch_image`) and ``errors`` (list of :class:`RowError`).
     """
 
     def __init__(self, tasks: Sequence[ScanTask], coords: str, config: PreprocessConfig) -> None:
@@ -159,7 +167,7 @@ class ScanDataset:
         except FmcibError as exc:
             errors = [RowError(s.row, f"row {s.row}: {exc}") for s in task.seeds]
             return {"rows": np.zeros(0, np.int64), "patches": np.zeros((0, 1, n, n, n), np.float32),
-                    "padding": np.zeros(0), "errors": errors}
+                    "padding": np.zeros(0), "origins": np.zeros((0, 3)), "errors": errors}
         errors: list[RowError] = []
         seeds: list[tuple[int, np.ndarray]] = []
         masks: dict[str, sitk.Image] = {}
@@ -168,15 +176,15 @@ class ScanDataset:
                 seeds.append((s.row, self._seed(s, scan.geometry, masks)))
             except Exception as exc:  # never let one odd row stop the run
                 errors.append(self._row_error(s.row, task.image, exc))
-        region = patch_region(scan.geometry, [patch_origin(scan.geometry, p, self.config) for _, p in seeds],
-                              self.config)
+        origins = [patch_origin(scan.geometry, p, self.config) for _, p in seeds]
+        region = patch_region(scan.geometry, origins, self.config)
         try:
             image = scan.read(region) if seeds else None  # only the voxels the patches need
         except FmcibError as exc:
             errors += [RowError(row, f"row {row}: {exc}") for row, _ in seeds]
             seeds = []
-        rows, patches, padding = [], [], []
-        for row, seed in seeds:
+        rows, patches, padding, kept_origins = [], [], [], []
+        for (row, seed), origin in zip(seeds, origins):
             try:
                 patch, pad = extract_patch(image, seed, self.config, geometry=scan.geometry)
             except Exception as exc:
@@ -185,10 +193,12 @@ class ScanDataset:
             rows.append(row)
             patches.append(patch)
             padding.append(pad)
+            kept_origins.append(origin)
         errors.sort(key=lambda e: e.row)
         stacked = np.stack(patches)[:, None] if patches else np.zeros((0, 1, n, n, n), np.float32)
         return {"rows": np.asarray(rows, np.int64), "patches": stacked,
-                "padding": np.asarray(padding, np.float64), "errors": errors}
+                "padding": np.asarray(padding, np.float64), "origins": np.asarray(kept_origins).reshape(-1, 3),
+                "errors": errors}
 
     def _seed(self, s: SeedRow, geometry: ImageGeometry, masks: dict[str, sitk.Image]) -> np.ndarray:
         """LPS seed of one row (from its coordinates or its mask), checked to lie inside the scan."""
@@ -473,7 +483,8 @@ def extract_features(
         ``"warn"``: failed rows are left out of the result, listed in a warning and in
         ``result.attrs["fmcib_errors"]``; ``"raise"``: raise :class:`FmcibError` listing them.
     base_dir : path, optional
-        Second place to look for relative image paths of a DataFrame (a path table uses its folder).
+        Second place to look for relative image paths (after the working directory); default: a path
+        table's own folder.
 
     Returns
     -------
@@ -485,10 +496,8 @@ def extract_features(
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
     coords = _validate_coords(coords)
-    if isinstance(table, pd.DataFrame):
-        df, name = table.reset_index(drop=True), "table"
-    else:
-        df, base_dir, name = read_table(table), Path(table).parent, f"'{table}'"
+    df, table_dir, name = load_seed_table(table)
+    base_dir = table_dir if base_dir is None else base_dir
     plan_scans(df.iloc[:0], name=name)  # column check before loading anything
     extractor = model if isinstance(model, FeatureExtractor) else FeatureExtractor(
         model=model, weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,

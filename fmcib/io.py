@@ -24,6 +24,7 @@ __all__ = [
     "ImageGeometry",
     "read_table",
     "write_table",
+    "write_image",
     "read_table_metadata",
     "atomic_path",
     "describe_image",
@@ -245,15 +246,20 @@ def read_table(path: PathLike) -> pd.DataFrame:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` atomically.
 
     Readers never see a half-written file: either the old file or the complete new one exists.
-    On error the temporary file is removed and ``path`` is left untouched.
+    On error the temporary file is removed and ``path`` is left untouched. ``keep_suffix`` ends the
+    temporary name with the target's suffix (``.nii.gz`` counts as one), for writers that choose the
+    format from the file name.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    suffix = ".tmp"
+    if keep_suffix:
+        suffix += ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -264,13 +270,23 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def write_image(image: sitk.Image, path: PathLike) -> None:
+    """Write a SimpleITK image atomically; the format follows the suffix (``.nii.gz`` is compressed)."""
+    with atomic_path(path, keep_suffix=True) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=str(path).endswith(".gz"))
+
+
 def write_table(df: pd.DataFrame, path: PathLike, metadata: Mapping[str, Any] | None = None) -> None:
     """Write ``df`` atomically as Parquet (``.parquet``/``.pq``) or CSV (anything else).
 
-    ``metadata`` (JSON-serialisable) goes into the Parquet schema metadata under the key ``fmcib``;
-    for CSV it is written atomically to the sidecar ``<path>.json``.
+    ``metadata`` (JSON-serialisable; default: the provenance in ``df.attrs["fmcib"]``, which
+    :func:`fmcib.extract_features` sets) goes into the Parquet schema metadata under the key ``fmcib``;
+    for CSV it is written atomically to the sidecar ``<path>.json``. Other ``df.attrs`` are not written.
     """
     target = Path(path)
+    if metadata is None:
+        metadata = df.attrs.get("fmcib")
+    df = pd.DataFrame(df, copy=False)  # without attrs: pandas would try to serialise them into Parquet
     if target.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow as pa

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path, read_table
+from .io import atomic_path
 from .preprocessing import PreprocessConfig
 
-__all__ = ["qc_montage", "plot_tsne"]
+__all__ = ["qc_montage", "plot_tsne", "plot_saliency", "save_figure"]
 
 
 def _pyplot() -> Any:
@@ -22,6 +23,16 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110, close: bool = True, **kwargs: Any) -> Path:
+    """Write a matplotlib figure atomically, in the format its suffix names (default PNG); close it unless told not to."""
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=target.suffix.lstrip(".") or "png", **kwargs)
+    if close:
+        _pyplot().close(fig)
+    return target
 
 
 def _page_paths(out: Path, pages: int) -> list[Path]:
@@ -35,7 +46,8 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
                window_hu: tuple[float, float] = (-1000.0, 400.0)) -> list[Path]:
     """Central axial, coronal and sagittal slices of every seed's patch, the patch centre marked.
 
-    The marked centre voxel lies within one patch voxel (1 mm) of the seed on every axis.
+    The marked centre voxel lies within one patch voxel (1 mm) of the seed on every axis. Views follow
+    the radiological convention: patient's right on the image's left, anterior and superior up.
 
     Shows whether seeds land on lesions (the most common failure in practice). Each scan is read once.
     Rows that fail (missing file, seed outside, ...) get a panel with the reason instead of images.
@@ -58,12 +70,11 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
     list of pathlib.Path
         The files written (atomically).
     """
-    from .extract import ScanDataset, plan_scans
+    from .extract import ScanDataset, load_seed_table, plan_scans
 
-    base_dir = Path(table).parent if not isinstance(table, pd.DataFrame) else None
-    df = read_table(table) if not isinstance(table, pd.DataFrame) else table
+    df, base_dir, name = load_seed_table(table)
     cfg = config or PreprocessConfig()
-    dataset = ScanDataset(plan_scans(df, base_dir=base_dir), coords, cfg)
+    dataset = ScanDataset(plan_scans(df, base_dir=base_dir, name=name), coords, cfg)
     panels: dict[int, dict[str, Any]] = {}
     for i in range(len(dataset)):
         item = dataset[i]
@@ -72,7 +83,7 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
         for err in item["errors"]:
             panels[err.row] = {"error": err.message}
     plt = _pyplot()
-    n, c = int(cfg.patch_size), int(cfg.patch_size) // 2
+    c = int(cfg.patch_size) // 2
     rows = sorted(panels)
     pages = max(1, int(np.ceil(len(rows) / rows_per_page)))
     written = []
@@ -85,29 +96,62 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
             if "error" in panel:
                 for ax in axes[r]:
                     ax.axis("off")
-                axes[r, 0].text(0, 0.5, panel["error"], wrap=True, fontsize=7, color="darkred",
-                                transform=axes[r, 0].transAxes)
+                message = axes[r, 0].text(0, 0.5, textwrap.fill(panel["error"], 110), fontsize=7, color="darkred",
+                                          transform=axes[r, 0].transAxes, va="center")
+                message.set_in_layout(False)  # it spans the row's three (empty) panels
                 axes[r, 0].set_title(label, fontsize=8, loc="left")
                 continue
-            vol = panel["patch"]  # (z, y, x), LPS-increasing axes
-            views = [("axial", vol[c], "x", "y"), ("coronal", vol[:, c, :], "x", "z"),
-                     ("sagittal", vol[:, :, c], "y", "z")]
-            for ax, (name, img, xlab, ylab) in zip(axes[r], views):
-                ax.imshow(img, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin="lower")
+            _show_views(axes[r], panel["patch"], window_hu)
+            for ax in axes[r]:
                 ax.plot([c], [c], marker="+", color="red", markersize=12, mew=1.5)
-                ax.set_title(name if r == 0 else "", fontsize=8)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_xlabel(xlab, fontsize=7)
-                ax.set_ylabel(ylab, fontsize=7)
             pad = f", {panel['padding']:.0%} outside scan" if panel["padding"] else ""
             axes[r, 0].set_title(f"{label}{pad}", fontsize=8, loc="left")
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, path))
     return written
+
+
+def _central_views(volume: np.ndarray) -> list[tuple[str, np.ndarray, str, str, str]]:
+    """Central axial, coronal and sagittal slices of a (z, y, x) volume with LPS-increasing axes.
+
+    Each view: name, slice, x-axis label, y-axis label and imshow ``origin``, chosen for the
+    radiological convention (patient's right on the image's left, anterior and superior up).
+    """
+    c = [n // 2 for n in volume.shape]
+    return [("axial", volume[c[0]], "R - L", "P - A", "upper"),
+            ("coronal", volume[:, c[1], :], "R - L", "I - S", "lower"),
+            ("sagittal", volume[:, :, c[2]], "A - P", "I - S", "lower")]
+
+
+def _show_views(axes: Any, volume: np.ndarray, window_hu: tuple[float, float]) -> None:
+    for ax, (name, img, xlab, ylab, origin) in zip(axes, _central_views(volume)):
+        ax.imshow(img, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin=origin)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{name}: {xlab}", fontsize=7)
+        ax.set_ylabel(ylab, fontsize=7)
+
+
+def plot_saliency(patch_hu: np.ndarray, saliency: np.ndarray, out: str | os.PathLike,
+                  window_hu: tuple[float, float] = (-1000.0, 400.0), title: str = "") -> Path:
+    """Central axial, coronal and sagittal slices of a patch (grey) with its saliency map overlaid.
+
+    The map is shown from its 50th to its 99.5th percentile (over the whole patch), transparent below.
+    Both arrays have axes (z, y, x) as :func:`fmcib.preprocessing.extract_patch` returns them. The
+    figure is written atomically; returns its path.
+    """
+    plt = _pyplot()
+    lo, hi = np.percentile(saliency, [50.0, 99.5])
+    hi = hi if hi > lo else lo + 1e-12
+    fig, axes = plt.subplots(1, 3, figsize=(8.5, 3.0), squeeze=False)
+    _show_views(axes[0], patch_hu, window_hu)
+    for ax, (_, sal, _, _, origin) in zip(axes[0], _central_views(saliency)):
+        shown = np.ma.masked_less(np.clip((sal - lo) / (hi - lo), 0, 1), 0.05)
+        mappable = ax.imshow(shown, cmap="inferno", vmin=0, vmax=1, alpha=0.6, origin=origin)
+    fig.colorbar(mappable, ax=axes[0].tolist(), fraction=0.02, label="saliency (rel.)")
+    if title:
+        fig.suptitle(title, fontsize=8, x=0.02, ha="left")
+    return save_figure(fig, out)
 
 
 def plot_tsne(features: pd.DataFrame | np.ndarray, labels: Any, ax: Any = None, perplexity: float = 30.0,

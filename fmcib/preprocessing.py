@@ -23,7 +23,8 @@ from .seeds import CoordinateSystem, check_inside, continuous_index, to_lps
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PreprocessConfig", "lattice_anchor", "patch_origin", "patch_region", "extract_patch", "preprocess"]
+__all__ = ["PreprocessConfig", "lattice_anchor", "patch_origin", "patch_region", "extract_patch", "patch_image",
+           "preprocess"]
 
 # A seed closer than this (in lattice units) to a lattice point counts as lying on it.
 TIE_TOLERANCE = 1e-6
@@ -181,6 +182,21 @@ def extract_patch(
     patch += np.float32(cfg.hu_offset)
     patch /= np.float32(cfg.hu_scale)
     return patch, _outside_fraction(scan, origin, cfg)
+
+
+def patch_image(patch: np.ndarray, origin: Sequence[float], config: PreprocessConfig | None = None) -> sitk.Image:
+    """A patch (or a map over it, e.g. a saliency map) as an image placed in the scan's physical space.
+
+    ``patch`` has axes (z, y, x) as :func:`extract_patch` returns them; ``origin`` is its first voxel
+    in LPS mm (:func:`patch_origin`). The image has identity direction and the patch spacing, so
+    writing it to NIfTI puts it exactly over the scan in any viewer.
+    """
+    cfg = config or PreprocessConfig()
+    image = sitk.GetImageFromArray(np.asarray(patch))
+    image.SetOrigin([float(v) for v in origin])
+    image.SetSpacing([float(cfg.spacing_mm)] * 3)
+    image.SetDirection([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    return image
 
 
 def preprocess(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -228,7 +229,8 @@ def perturbation_stability(features: pd.DataFrame, lesion_col: str = SEED_ROW, c
     ok = complete_rows(feats)
     y = _by_lesion(features[ok], lesion_col, feats[ok])
     long = icc(y, forms=("ICC(1,1)",), confidence=confidence, feature_names=list(feats.columns))
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature that is 0 for every lesion has no CV: NaN
         cv = np.nanmean(y.std(axis=1, ddof=1) / np.abs(y.mean(axis=1)), axis=0)
     return pd.DataFrame({"feature": list(feats.columns), "icc": long.icc.to_numpy(), "ci_low": long.ci_low.to_numpy(),
                          "ci_high": long.ci_high.to_numpy(), "cv": cv, "n_lesions": y.shape[0],

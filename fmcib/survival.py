@@ -234,15 +234,13 @@ def survival_report(table: pd.DataFrame, time: str, event: str, score: str, tune
         cox_score=cox_univariate(t, e, s, name=score), c_index=concordance(t, e, s), horizon=horizon_result,
     )
     if out_dir is not None:
-        import matplotlib.pyplot as plt
+        from .plots import save_figure
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         ax = plot_km(t, e, groups, title=f"{score}: log-rank p = {report.logrank['p_value']:.3g}")
-        for suffix in ("png", "svg"):
-            with atomic_path(out / f"km.{suffix}") as tmp:
-                ax.figure.savefig(tmp, dpi=150, format=suffix)
-        plt.close(ax.figure)
+        save_figure(ax.figure, out / "km.png", dpi=150, close=False)
+        save_figure(ax.figure, out / "km.svg", dpi=150)
         with atomic_path(out / "survival.json") as tmp:
             Path(tmp).write_text(json.dumps(report.to_dict(), indent=1, default=float))
         with atomic_path(out / "cox.csv") as tmp:

@@ -69,10 +69,28 @@ def test_stability_perturb_on_real_ct_then_icc_and_qc(tiny_model_dir, tmp_path):
     feats = pd.read_parquet(tmp_path / "perturbed.parquet")
     assert len(feats) == 12 and feats.fmcib_seed_row.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert feats.lesion_id.iloc[4] == "STS_019_x+10"  # user columns carried through
+    from fmcib.io import read_table_metadata
+
+    provenance = read_table_metadata(tmp_path / "perturbed.parquet")  # extraction provenance kept with the table
+    assert provenance["model"] == "tiny_3d.test" and provenance["preprocess"]["patch_size"] == 50
     n_features = sum(c.startswith("pred_") for c in feats.columns)
     assert len(stab) == n_features and (stab.n_perturbations == 4).all() and (stab.n_lesions == 3).all()
     finite = stab.icc.dropna()
     assert len(finite) > 0 and (finite <= 1).all()
+
+    # the same perturbations again, now with a probe: the spread of its predictions per lesion
+    from fmcib.probes import LogisticProbe, feature_matrix
+
+    probe = LogisticProbe(n_trials=0).fit(feature_matrix(feats), (feats.fmcib_offset_x_mm > 0).astype(int))
+    probe.save(tmp_path / "probe.json")
+    res = _cli("stability", "perturb", "--csv", seeds, "--out", out, "--n", "4", "--weights", tiny_model_dir,
+               "--probe", tmp_path / "probe.json", "--num-workers", "0", "--no-progress")
+    assert res.exit_code == 0, res.output
+    spread = pd.read_csv(tmp_path / "stab.prediction_spread.csv")
+    p = pd.Series(probe.predict_proba(feature_matrix(feats))[:, 1]).groupby(feats.fmcib_seed_row)
+    np.testing.assert_allclose(spread["mean"], p.mean().to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(spread["std"], p.std().to_numpy(), atol=1e-6)
+    assert spread["n"].tolist() == [4, 4, 4]
 
     # test-retest ICC: perturbation 0 vs 1 as two "sessions"
     test = feats[feats.fmcib_perturbation == 0]
@@ -95,6 +113,23 @@ def test_stability_perturb_on_real_ct_then_icc_and_qc(tiny_model_dir, tmp_path):
     from PIL import Image
 
     assert Image.open(pages[0]).size[1] > Image.open(pages[1]).size[1]  # 3 rows vs the failed row alone
+
+
+def test_tsne_command(tmp_path):
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(40, 6)), columns=[f"pred_{i}" for i in range(6)])
+    table["site"] = np.repeat(["lung", "liver"], 20)
+    table.loc[table.site == "liver", "pred_0"] += 4
+    table.to_parquet(tmp_path / "f.parquet")
+    res = _cli("tsne", "--features", tmp_path / "f.parquet", "--label", "site", "--out", tmp_path / "t.png",
+               "--perplexity", "8")
+    assert res.exit_code == 0, res.output
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "t.png").shape[0] > 100
+    res = CliRunner().invoke(main, ["tsne", "--features", str(tmp_path / "f.parquet"), "--label", "stage",
+                                    "--out", str(tmp_path / "u.png")])
+    assert res.exit_code == 1 and "no column 'stage'" in res.output and not (tmp_path / "u.png").exists()
 
 
 def test_tsne_plot_runs_headless():

@@ -144,7 +144,7 @@ def test_probe_drops_missing_rows_with_their_labels(caplog):
     assert probe.n_dropped_ == 4 and "dropped 4 of 100" in caplog.text
     keep = np.setdiff1d(np.arange(100), [3, 10, 20, 50])
     reference = make_pipeline(*LogisticProbe(n_trials=0).fit(X.iloc[keep], y[keep]).pipeline_.named_steps.values())
-    np.testing.assert_allclose(probe.predict_proba(X.iloc[keep]), reference.predict_proba(X.iloc[keep]))
+    np.testing.assert_allclose(probe.predict_proba(X.iloc[keep]), reference.predict_proba(X.iloc[keep].to_numpy()))
     with pytest.raises(ValueError, match=r"rows \[3, 10, 50\] have missing features"):
         probe.predict_proba(X)
 
