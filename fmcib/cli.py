@@ -411,6 +411,39 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
                    f"wrote {spread_out}", err=True)
 
 
+@stability.command("select")
+@click.option("--features", required=True, type=_TABLE, help="Table from `fmcib extract` (pred_* columns).")
+@click.option("--stability", "stability_path", required=True, type=_TABLE,
+              help="Per-feature table from `fmcib stability perturb` or `fmcib stability icc`.")
+@click.option("--min", "threshold", default=0.75, show_default=True, type=float, help="Keep features at or above this.")
+@click.option("--column", default="icc", show_default=True, help="Stability column compared with --min.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def stability_select(ctx: click.Context, features: Path, stability_path: Path, threshold: float, column: str,
+                     out: Path) -> None:
+    """Keep only the stable features (and every non-feature column) of a features table.
+
+    \b
+    Example:
+      fmcib stability select --features f.parquet --stability stab.csv --min 0.75 --out f_stable.parquet
+    """
+    from .io import read_table_metadata, write_table
+    from .probes import feature_matrix
+    from .stability import stable_features
+
+    try:
+        table = _read(features)
+        keep = set(stable_features(_read(stability_path), threshold=threshold, column=column))
+        feature_cols = list(feature_matrix(table).columns)
+        dropped = [c for c in feature_cols if c not in keep]
+        write_table(table.drop(columns=dropped), out, metadata=read_table_metadata(features))
+    except ValueError as exc:
+        _fail(exc, ctx.obj["debug"])
+        return
+    click.echo(f"kept {len(feature_cols) - len(dropped)} of {len(feature_cols)} features ({column} >= {threshold}); "
+               f"wrote {out}", err=True)
+
+
 @stability.command("icc")
 @click.option("--test", "test_path", required=True, type=_TABLE)
 @click.option("--retest", "retest_path", required=True, type=_TABLE)

@@ -150,3 +150,43 @@ def test_downstream_example_script_runs(tmp_path):
     done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "test AUC" in done.stdout and (tmp_path / "survival" / "km.png").is_file() and (tmp_path / "qc.png").is_file()
+
+
+def test_perturbation_stability_select_and_qc_on_shared_ct(shared_data, tiny_model_dir, tmp_path):
+    """Real CT from ../shared/data (soft-tissue sarcoma and lung slabs) through perturbation, selection and QC."""
+    import fmcib
+    from fmcib.extract import FeatureExtractor
+    from fmcib.io import write_table
+    from fmcib.plots import qc_montage
+    from fmcib.stability import perturb_seeds, perturbation_stability
+
+    manifest = pd.read_csv(shared_data / "manifest.csv")
+    cases = pd.concat([manifest[manifest.source == s].head(2) for s in ("ibsi_sts_ct", "lidc_slabs")])
+    seeds = cases.assign(image_path=[str(shared_data / p) for p in cases.image])[
+        ["image_path", "coordX", "coordY", "coordZ", "case"]].reset_index(drop=True)
+    extractor = FeatureExtractor(model="resnet50_3d.fmcib", weights=tiny_model_dir, num_workers=0, progress=False)
+
+    # zero variance: every perturbation is the seed itself, so within-lesion spread is 0 and ICC(1,1) = 1
+    same = fmcib.extract_features(perturb_seeds(seeds, n=3, variance=0.0, random_state=0), model=extractor)
+    exact = perturbation_stability(same)
+    varies = exact.icc.notna()
+    assert varies.sum() > 10 and np.allclose(exact.icc[varies], 1.0) and np.allclose(exact.cv.dropna(), 0.0)
+
+    moved = fmcib.extract_features(perturb_seeds(seeds, n=5, variance=16.0, random_state=1), model=extractor)
+    stab = perturbation_stability(moved)
+    assert len(moved) == 20 and (stab.icc.dropna() < 0.999).mean() > 0.5  # moving the seed changes features
+
+    features = fmcib.extract_features(seeds, model=extractor)
+    write_table(features, tmp_path / "f.parquet")
+    write_table(stab, tmp_path / "stab.csv")
+    res = _cli("stability", "select", "--features", tmp_path / "f.parquet", "--stability", tmp_path / "stab.csv",
+               "--min", "0.5", "--out", tmp_path / "f_stable.parquet")
+    assert res.exit_code == 0, res.output
+    kept = pd.read_parquet(tmp_path / "f_stable.parquet")
+    expected = stab.feature[stab.icc >= 0.5].tolist()
+    assert [c for c in kept.columns if c.startswith("pred_")] == expected
+    assert kept.case.tolist() == seeds.case.tolist()  # non-feature columns stay
+    assert 0 < len(expected) < len(stab)
+
+    pages = qc_montage(seeds, tmp_path / "qc.png", rows_per_page=2)
+    assert [p.name for p in pages] == ["qc_page1.png", "qc_page2.png"]
