@@ -37,6 +37,22 @@ def peak_rss_gb() -> float:
     return max(own, kids) * 1024 / 1e9  # Linux reports KiB
 
 
+def environment(device: torch.device) -> dict[str, str]:
+    """Machine, threads, device and versions, recorded with every benchmark result."""
+    gpu = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""
+    return {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}{gpu}",
+            "torch": torch.__version__, "fmcib": fmcib.__version__}
+
+
+def report(results: dict[str, object], name: str, device: torch.device) -> None:
+    """Print the results and keep a JSON copy in bench/out/."""
+    text = json.dumps(results, indent=1)
+    print(text)
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
+
+
 def bare_forward(model: torch.nn.Module, batch_size: int, n_patches: int, precision: str) -> float:
     """Patches/s of the encoder alone on random patches already in memory (after one warm-up batch)."""
     device = next(model.parameters()).device
@@ -108,12 +124,8 @@ def main() -> None:
 
     device = resolve_device(args.device)
     model = create_model("resnet50_3d.random", pretrained=False, device=device)
-    results: dict[str, object] = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}"
-                   + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
-        "torch": torch.__version__, "fmcib": fmcib.__version__, "batch_size": args.batch_size,
-        "num_workers": args.num_workers, "precision": args.precision,
-    }
+    results: dict[str, object] = {**environment(device), "batch_size": args.batch_size,
+                                   "num_workers": args.num_workers, "precision": args.precision}
     with tempfile.TemporaryDirectory() as tmp:
         table = synthetic_table(Path(tmp), args.scans, args.seeds_per_scan, args.suffix)
         results["synthetic"] = {"scans": args.scans, "seeds": len(table), "scan": f"512x512x200 int16 {args.suffix}",
@@ -124,10 +136,7 @@ def main() -> None:
         table = table[["image_path", "coordX", "coordY", "coordZ"]].reset_index(drop=True)
         results["shared_sts"] = {"scans": len(table), "seeds": len(table), **compare(table, model, args)}
     results["peak_rss_gb"] = round(peak_rss_gb(), 2)
-    print(json.dumps(results, indent=1))
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / f"extract-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=1))
+    report(results, "extract", device)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,15 @@ memory on CUDA); writes the figures as JSON to bench/out/.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-import fmcib
 from fmcib.models import create_model, resolve_device
 from fmcib.saliency import EncoderWithHead, smooth_guided_backprop
 
-from extract import peak_rss_gb  # noqa: E402  (bench/ is the working folder of these scripts)
+from extract import environment, peak_rss_gb, report  # noqa: E402  (bench/ is the working folder of these scripts)
 
 
 def main() -> None:
@@ -56,10 +52,8 @@ def main() -> None:
     smooth_guided_backprop(scorer, patch, n_samples=args.n_samples)
     sync()
     map_s = time.perf_counter() - t
-    results = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device}"
-                   + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
-        "torch": torch.__version__, "fmcib": fmcib.__version__, "n_samples": args.n_samples,
+    results: dict[str, object] = {
+        **environment(device), "n_samples": args.n_samples,
         "seconds_per_map": round(map_s, 3), "seconds_per_map_at_25_samples": round(map_s / args.n_samples * 25, 2),
         "bare_forward_seconds_per_patch": round(forward_s, 4),
         "sample_cost_in_bare_forwards": round(map_s / args.n_samples / forward_s, 2),
@@ -67,10 +61,7 @@ def main() -> None:
     }
     if device.type == "cuda":
         results["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    print(json.dumps(results, indent=1))
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / f"saliency-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=1))
+    report(results, "saliency", device)
 
 
 if __name__ == "__main__":
