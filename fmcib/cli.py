@@ -513,10 +513,14 @@ def tsne(ctx: click.Context, features: Path, label: str, out: Path, perplexity: 
 
 @main.command()
 @click.option("--csv", "table", required=True, type=_TABLE, help="Seeds table.")
-@click.option("--probe", "probe_path", required=True, type=_TABLE, help="Probe file from `fmcib probe fit`.")
+@click.option("--probe", "probe_path", default=None, type=_TABLE, help="Probe file from `fmcib probe fit`.")
+@click.option("--head", "head_path", default=None, type=click.Path(exists=True, path_type=Path),
+              help="Instead of --probe: the head of a fine-tuned checkpoint (legacy file, head.safetensors or a "
+                   "converted folder); pass the same checkpoint as --weights.")
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--target-class", default=None,
-              help="Class whose score is explained (multiclass probes) [default: each patch's predicted class].")
+              help="Class whose score is explained: a probe class, or an output index of a head "
+                   "[default: each patch's predicted class].")
 @click.option("--n-samples", default=25, show_default=True, type=click.IntRange(min=1), help="Noisy copies averaged.")
 @click.option("--noise", default=0.15, show_default=True, type=click.FloatRange(min=0),
               help="Noise SD as a share of the patch's value range.")
@@ -524,32 +528,44 @@ def tsne(ctx: click.Context, features: Path, label: str, out: Path, perplexity: 
 @click.option("--seed", default=0, show_default=True, type=int)
 @extraction_options
 @click.pass_context
-def saliency(ctx: click.Context, table: Path, probe_path: Path, out_dir: Path, target_class: str | None,
+def saliency(ctx: click.Context, table: Path, probe_path: Path | None, head_path: Path | None, out_dir: Path,
+             target_class: str | None,
              n_samples: int, noise: float, name_col: str | None, seed: int, model: str, weights: Path | None,
              device: str, batch_size: int, num_workers: int | None, coords: str, precision: str,
              no_progress: bool) -> None:
     """Smooth guided backpropagation maps of a probe's score for every seed.
 
     \b
-    Example:
+    Examples:
       fmcib saliency --csv seeds.csv --probe probe.json --out-dir saliency/
+      fmcib saliency --csv seeds.csv --weights task1.torch --head task1.torch --out-dir saliency/
     Per row: <stem>_patch.nii.gz (HU), <stem>_saliency.nii.gz (same grid, placed in the
     scan's physical space) and <stem>_saliency.png; saliency.csv lists them. Rows that
     fail are listed there with their reason and the exit status is 3.
     """
     from .exceptions import FmcibError
     from .io import write_table
+    from .models import load_head
     from .probes import load_probe
     from .saliency import saliency_maps
 
+    if (probe_path is None) == (head_path is None):
+        raise click.UsageError("give exactly one of --probe and --head")
     try:
-        probe_model = load_probe(probe_path)
-        if target_class is not None:  # a command-line class name is text; match the probe's class type
-            target: Any = next((c for c in probe_model.classes_.tolist() if str(c) == target_class), target_class)
+        explained: Any
+        target: Any = target_class
+        if probe_path is not None:
+            explained = load_probe(probe_path)
+            if target_class is not None:  # a command-line class name is text; match the probe's class type
+                target = next((c for c in explained.classes_.tolist() if str(c) == target_class), target_class)
         else:
-            target = None
+            explained = load_head(head_path)
+            if target_class is not None:
+                if not target_class.isdigit():
+                    raise click.BadParameter("a head's outputs are numbered: give an index", param_hint="--target-class")
+                target = int(target_class)
         extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
-        result = saliency_maps(table, probe_model, out_dir, model=extractor, coords=coords, target_class=target,
+        result = saliency_maps(table, explained, out_dir, model=extractor, coords=coords, target_class=target,
                                n_samples=n_samples, noise=noise, random_state=seed, name_column=name_col)
         write_table(result, out_dir / "saliency.csv")
     except (FmcibError, ValueError) as exc:

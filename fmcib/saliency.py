@@ -201,7 +201,9 @@ def _output_index(scores: np.ndarray, classes: list[Any] | None, target: Any) ->
         j = int(np.argmax(scores))
         return j, classes[j] if classes is not None else j
     if classes is None:
-        return int(target), target
+        if not 0 <= int(target) < scores.shape[-1]:
+            raise ValueError(f"output index {target} is out of range: the head gives {scores.shape[-1]} output(s)")
+        return int(target), int(target)
     if target not in classes:
         raise ValueError(f"class {target!r} is not one of the probe's classes {classes}")
     return classes.index(target), target

@@ -197,3 +197,49 @@ def test_tiny_test_encoder_gives_informative_features(synthetic_cases, tiny_mode
                                  weights=tiny_model_dir, num_workers=0, progress=False)
     feats = out.filter(like="pred_").to_numpy()
     assert (feats.std(axis=0) > 0).mean() > 0.5
+
+
+def _original_head(widths: list[int]) -> torch.nn.Sequential:
+    """The head as fmcib 1.0.0 builds it: blocks of Linear (+ ReLU but for the last), nested in a Sequential."""
+    blocks = []
+    for i in range(len(widths) - 1):
+        layers = [torch.nn.Linear(widths[i], widths[i + 1])]
+        if i != len(widths) - 2:
+            layers.append(torch.nn.ReLU(inplace=True))
+        blocks.append(torch.nn.Sequential(*layers))
+    return torch.nn.Sequential(*blocks).eval()
+
+
+def test_fine_tuned_heads_load_from_every_layout_and_compute_as_the_original(tiny, tmp_path):
+    from fmcib.models import load_head
+
+    cfg, trunk = tiny
+    torch.manual_seed(3)
+    original = _original_head([64, 32, 3])
+    head = original.state_dict()
+    torch.save({"trunk_state_dict": trunk, "head_state_dict": head}, tmp_path / "task.torch")
+    torch.save({"state_dict": {**{f"model.trunk.{k}": v for k, v in trunk.items()},
+                               **{f"module.model.heads.{k}": v for k, v in head.items()}}}, tmp_path / "task.ckpt")
+    converted = convert_weights(tmp_path / "task.torch", tmp_path / "converted", name=cfg.name)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = original(x)
+        for source in (tmp_path / "task.torch", tmp_path / "task.ckpt", converted, converted / "head.safetensors"):
+            torch.testing.assert_close(load_head(source)(x), expected, rtol=0, atol=0)
+            assert not load_head(source).training
+
+    torch.save({"trunk_state_dict": trunk}, tmp_path / "encoder_only.torch")
+    with pytest.raises(WeightsError, match="holds no head weights"):
+        load_head(tmp_path / "encoder_only.torch")
+    broken = {**head, "1.0.weight": torch.randn(3, 31)}
+    torch.save({"trunk_state_dict": trunk, "head_state_dict": broken}, tmp_path / "broken.torch")
+    with pytest.raises(WeightsError, match="block 0 gives 32 values but block 1 takes 31"):
+        load_head(tmp_path / "broken.torch")
+    torch.save({"trunk_state_dict": trunk, "head_state_dict": {**head, "2.weight": torch.randn(3, 3)}},
+               tmp_path / "odd.torch")
+    with pytest.raises(WeightsError, match="unexpected head key '2.weight'"):
+        load_head(tmp_path / "odd.torch")
+    no_bias = {k: v for k, v in head.items() if k != "1.0.bias"}
+    torch.save({"trunk_state_dict": trunk, "head_state_dict": no_bias}, tmp_path / "no_bias.torch")
+    with pytest.raises(WeightsError, match=r"missing keys: 1\.0\.bias"):
+        load_head(tmp_path / "no_bias.torch")

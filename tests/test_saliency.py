@@ -186,3 +186,40 @@ def plt_imread(path: str) -> np.ndarray:
     import matplotlib.image
 
     return matplotlib.image.imread(path)
+
+
+def test_saliency_command_with_a_fine_tuned_checkpoint_head(tmp_path):
+    import fmcib
+    from fmcib.models import create_model, load_head, register_model
+
+    from conftest import random_trunk, tiny_config
+
+    cfg = register_model(tiny_config("tiny_3d.finetuned"), overwrite=True)
+    torch.manual_seed(5)
+    head = nn.Sequential(nn.Sequential(nn.Linear(64, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 3)))
+    torch.save({"trunk_state_dict": random_trunk(cfg, seed=5), "head_state_dict": head.state_dict()},
+               tmp_path / "task.torch")
+    shutil.copytree(BUNDLED, tmp_path / "data")
+
+    def run(*extra: object):
+        return CliRunner().invoke(main, [str(a) for a in (
+            "saliency", "--csv", tmp_path / "data" / "seeds.csv", "--model", cfg.name, "--weights",
+            tmp_path / "task.torch", "--out-dir", tmp_path / "out", "--n-samples", "2", "--num-workers", "0",
+            *extra)])
+
+    res = run("--head", tmp_path / "task.torch", "--target-class", "2")
+    assert res.exit_code == 0, res.output
+    index = pd.read_csv(tmp_path / "out" / "saliency.csv", keep_default_na=False)
+    assert index.explained.tolist() == [2, 2, 2] and index.error.eq("").all()
+    encoder = create_model(cfg.name, weights=tmp_path / "task.torch", device="cpu")
+    seeds = pd.read_csv(tmp_path / "data" / "seeds.csv")
+    with torch.no_grad():
+        for i, rec in seeds.iterrows():
+            patch = fmcib.preprocess(tmp_path / "data" / rec.image_path, rec[["coordX", "coordY", "coordZ"]])
+            expected = head(encoder(patch[None]))[0, 2].item()
+            assert index.score[i] == pytest.approx(expected, abs=1e-4)
+    assert isinstance(load_head(tmp_path / "task.torch")[0][1], nn.ReLU)
+
+    assert run("--head", tmp_path / "task.torch", "--target-class", "lung").exit_code == 2
+    assert run("--head", tmp_path / "task.torch", "--target-class", "3").exit_code == 1  # only outputs 0..2
+    assert run().exit_code == 2  # neither --probe nor --head

@@ -23,6 +23,7 @@ from .checkpoints import (
     save_hub_layout,
     sha256_file,
 )
+from .heads import load_head
 from .hub import download_hub_layout, parse_hub_name, resolve_registry_weights
 from .registry import DEFAULT_MODEL, ModelConfig, WeightsSource, get_model_config, list_models, register_model
 
@@ -37,6 +38,7 @@ __all__ = [
     "register_model",
     "convert_weights",
     "resolve_device",
+    "load_head",
 ]
 
 logger = logging.getLogger(__name__)
