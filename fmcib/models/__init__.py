@@ -75,6 +75,14 @@ def _weights_in_folder(folder: Path) -> tuple[Path, ModelConfig | None]:
     return files[0], None
 
 
+def _build_with_weights(config: ModelConfig, trunk: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The architecture of ``config`` holding ``trunk`` (strictly checked), without a wasted random init."""
+    with torch.device("meta"):  # no storage, no initialisation: the checkpoint's tensors become the weights
+        model = build_architecture(config.architecture, config.model_args)
+    load_state_dict_strict(model, trunk, source, assign=True)
+    return model
+
+
 def create_model(
     name: str = DEFAULT_MODEL,
     pretrained: bool = True,
@@ -132,11 +140,12 @@ def create_model(
         path, source = resolve_registry_weights(config, revision)
     if config is None:
         config = get_model_config(name)
-    model = build_architecture(config.architecture, config.model_args)
     digest = None
-    if path is not None:
+    if path is None:
+        model = build_architecture(config.architecture, config.model_args)
+    else:
         trunk, heads = read_checkpoint(path)
-        load_state_dict_strict(model, trunk, str(path))
+        model = _build_with_weights(config, trunk, str(path))
         digest = sha256_file(path)
         if heads:
             logger.info("'%s' also holds head weights (%d tensors); the encoder uses the trunk only", path, len(heads))
@@ -159,7 +168,6 @@ def convert_weights(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, n
     """
     config = get_model_config(name)
     trunk, heads = read_checkpoint(checkpoint)
-    model = build_architecture(config.architecture, config.model_args)
-    load_state_dict_strict(model, trunk, str(checkpoint))
+    model = _build_with_weights(config, trunk, str(checkpoint))
     provenance: dict[str, Any] = {"file": Path(checkpoint).name, "sha256": sha256_file(checkpoint)}
     return save_hub_layout(config, model.state_dict(), out_dir, heads=heads, provenance=provenance)

@@ -123,8 +123,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return split_checkpoint(obj, str(p))
 
 
-def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key raises, naming the keys."""
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                           assign: bool = False) -> None:
+    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key raises, naming the keys.
+
+    ``assign=True`` makes the (dtype-matched) checkpoint tensors the model's parameters and buffers
+    instead of copying into them: use it for a model built on the ``meta`` device, which has no storage.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -140,7 +145,9 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
             f"{source}: weights do not fit the architecture; " + "; ".join(problems)
             + ". Check the model name (the architecture is pinned to the weights)."
         )
-    model.load_state_dict(dict(state), strict=True)
+    if assign:
+        state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    model.load_state_dict(dict(state), strict=True, assign=assign)
 
 
 def save_hub_layout(
