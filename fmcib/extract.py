@@ -281,6 +281,7 @@ class FeatureExtractor:
     progress: bool = True
     start_method: str | None = None
     _encoder: Any = field(default=None, init=False, repr=False)
+    _resolved: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -290,31 +291,53 @@ class FeatureExtractor:
         if self.num_workers is not None and int(self.num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
+    def _weights(self) -> Any:
+        """:class:`~fmcib.models.ResolvedWeights` of a named model, found without building it; None for a module."""
+        from torch import nn
+
+        if isinstance(self.model, nn.Module):
+            return None
+        if self._resolved is None:
+            from .models import resolve_weights
+
+            self._resolved = resolve_weights(str(self.model), pretrained=True, weights=self.weights)
+        return self._resolved
+
     @property
     def encoder(self) -> Any:
         """The encoder module (loaded on first use)."""
         if self._encoder is None:
-            from torch import nn
+            from .models import build_model, resolve_device
 
-            from .models import create_model, resolve_device
-
-            if isinstance(self.model, nn.Module):
+            resolved = self._weights()
+            if resolved is None:
                 self._encoder = self.model.eval().to(resolve_device(self.device))
             else:
-                self._encoder = create_model(str(self.model), pretrained=True, weights=self.weights,
-                                             device=self.device)
+                self._encoder = build_model(resolved, device=self.device)
         return self._encoder
+
+    def _config(self) -> Any:
+        """The model's :class:`~fmcib.models.ModelConfig` (None for a bare module), without loading weights."""
+        resolved = self._weights()
+        return resolved.config if resolved is not None else getattr(self.model, "fmcib_config", None)
+
+    @property
+    def device_type(self) -> str:
+        """``"cuda"``, ``"mps"`` or ``"cpu"``: where the encoder runs (known before it is loaded)."""
+        from .models import resolve_device
+
+        return resolve_device(self.device).type
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
         """The encoder's input contract (defaults for a bare module without ``fmcib_config``)."""
-        cfg = getattr(self.encoder, "fmcib_config", None)
+        cfg = self._config()
         return cfg.preprocess if cfg is not None else PreprocessConfig()
 
     @property
     def num_features(self) -> int:
         """Feature vector length of the encoder."""
-        cfg = getattr(self.encoder, "fmcib_config", None)
+        cfg = self._config()
         if cfg is not None:
             return int(cfg.num_features)
         import torch
@@ -330,11 +353,12 @@ class FeatureExtractor:
 
         from ._version import __version__
 
-        cfg = getattr(self.encoder, "fmcib_config", None)
+        cfg, resolved = self._config(), self._weights()
+        weights = resolved.record() if resolved is not None else getattr(self.model, "fmcib_weights", {})
         return {
             "fmcib_version": __version__,
-            "model": cfg.name if cfg is not None else type(self.encoder).__name__,
-            "weights": dict(getattr(self.encoder, "fmcib_weights", {}) or {}),
+            "model": cfg.name if cfg is not None else type(self.model).__name__,
+            "weights": dict(weights or {}),
             "num_features": self.num_features,
             "preprocess": self.preprocess_config.to_dict(),
             "coords": coords,
@@ -368,8 +392,8 @@ class FeatureExtractor:
         from tqdm.auto import tqdm
 
         tasks = plan_scans(df, base_dir=base_dir, rows=rows, name=name)
-        dataset = ScanDataset(tasks, coords, self.preprocess_config)
-        device_type = next(self.encoder.parameters()).device.type  # loads the model before workers start
+        dataset = ScanDataset(tasks, coords, self.preprocess_config)  # config only: the weights load below
+        device_type = self.device_type
         workers = default_num_workers(device_type) if self.num_workers is None else int(self.num_workers)
         workers = min(workers, len(dataset))
         niceness = CPU_WORKER_NICENESS if device_type == "cpu" else 0
@@ -385,7 +409,9 @@ class FeatureExtractor:
         held = 0
         bs = int(self.batch_size)
         try:
-            for item in loader:
+            items = iter(loader)  # the workers start reading scans now, while the encoder loads
+            self.encoder  # noqa: B018  (load it)
+            for item in items:
                 for err in item["errors"]:
                     bar.update(1)
                     yield err

@@ -39,6 +39,23 @@ def test_extract_features_matches_per_seed_reference(synthetic_cases, tiny_model
     assert prov["preprocess"]["patch_size"] == 50
 
 
+def test_contract_and_provenance_are_known_before_the_encoder_loads(tiny_model_dir):
+    """The loader starts before the weights load: config and provenance come from the resolved weights."""
+    import hashlib
+
+    from fmcib import FeatureExtractor
+
+    extractor = FeatureExtractor(weights=tiny_model_dir, device="cpu", progress=False)
+    before = extractor.provenance("lps")
+    assert extractor.preprocess_config.patch_size == 50 and extractor.num_features == 64
+    assert extractor._encoder is None  # nothing above built the model
+    digest = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert before["weights"]["sha256"] == digest and before["model"] == "tiny_3d.test"
+    assert extractor.encoder.fmcib_weights == before["weights"]
+    after = extractor.provenance("lps")
+    assert {k: v for k, v in after.items() if k != "created"} == {k: v for k, v in before.items() if k != "created"}
+
+
 def test_spawn_workers_give_the_same_features(synthetic_cases, tiny_model_dir):
     table = synthetic_cases[["image_path", "coordX", "coordY", "coordZ"]].iloc[:6]
     serial = extract_features(table, weights=tiny_model_dir, num_workers=0, progress=False)

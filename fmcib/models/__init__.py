@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ __all__ = [
     "register_model",
     "convert_weights",
     "resolve_device",
+    "resolve_weights",
+    "build_model",
+    "ResolvedWeights",
     "load_head",
 ]
 
@@ -83,6 +87,79 @@ def _build_with_weights(config: ModelConfig, trunk: dict[str, torch.Tensor], sou
     return model
 
 
+@dataclass
+class ResolvedWeights:
+    """Where an encoder comes from, known before it is built: its config, weights file and source.
+
+    ``path`` is None for random initialisation. ``sha256`` is computed on first use and kept.
+    """
+
+    config: ModelConfig
+    path: Path | None
+    source: str
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str | None:
+        """SHA-256 of the weights file (None for random initialisation)."""
+        if self.path is not None and self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+    def record(self) -> dict[str, str | None]:
+        """Provenance of the weights: source, resolved file path and SHA-256."""
+        return {"source": self.source, "path": str(self.path.resolve()) if self.path else None, "sha256": self.sha256}
+
+
+def resolve_weights(
+    name: str = DEFAULT_MODEL,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    revision: str | None = None,
+) -> ResolvedWeights:
+    """Find an encoder's config and weights file without building it (arguments as :func:`create_model`).
+
+    Raises
+    ------
+    UnknownModelError, WeightsError
+    """
+    config: ModelConfig | None = None
+    path: Path | None = None
+    source = "random-init"
+    if name.startswith("hf-hub:"):
+        repo, rev = parse_hub_name(name)
+        path, config = _weights_in_folder(download_hub_layout(repo, revision or rev))
+        source = name
+    elif weights is not None:
+        wp = Path(weights).expanduser()
+        if wp.is_dir():
+            path, config = _weights_in_folder(wp)
+        elif wp.is_file():
+            path = wp
+        else:
+            raise WeightsError(f"weights '{wp}' not found (expected a file or folder)")
+        source = str(wp)
+    elif pretrained and get_model_config(name).weights is not None:
+        config = get_model_config(name)
+        path, source = resolve_registry_weights(config, revision)
+    return ResolvedWeights(config=config or get_model_config(name), path=path, source=source)
+
+
+def build_model(resolved: ResolvedWeights, device: str | torch.device | None = None) -> nn.Module:
+    """Build the encoder that :func:`resolve_weights` found, load its weights strictly, eval mode, on ``device``."""
+    config, path = resolved.config, resolved.path
+    if path is None:
+        model = build_architecture(config.architecture, config.model_args)
+    else:
+        trunk, heads = read_checkpoint(path)
+        model = _build_with_weights(config, trunk, str(path))
+        if heads:
+            logger.info("'%s' also holds head weights (%d tensors); the encoder uses the trunk only", path, len(heads))
+    model.fmcib_config = config
+    model.fmcib_weights = resolved.record()
+    return model.eval().to(resolve_device(device))
+
+
 def create_model(
     name: str = DEFAULT_MODEL,
     pretrained: bool = True,
@@ -119,39 +196,7 @@ def create_model(
     ------
     UnknownModelError, WeightsError
     """
-    config: ModelConfig | None = None
-    path: Path | None = None
-    source = "random-init"
-    if name.startswith("hf-hub:"):
-        repo, rev = parse_hub_name(name)
-        path, config = _weights_in_folder(download_hub_layout(repo, revision or rev))
-        source = name
-    elif weights is not None:
-        wp = Path(weights).expanduser()
-        if wp.is_dir():
-            path, config = _weights_in_folder(wp)
-        elif wp.is_file():
-            path = wp
-        else:
-            raise WeightsError(f"weights '{wp}' not found (expected a file or folder)")
-        source = str(wp)
-    elif pretrained and get_model_config(name).weights is not None:
-        config = get_model_config(name)
-        path, source = resolve_registry_weights(config, revision)
-    if config is None:
-        config = get_model_config(name)
-    digest = None
-    if path is None:
-        model = build_architecture(config.architecture, config.model_args)
-    else:
-        trunk, heads = read_checkpoint(path)
-        model = _build_with_weights(config, trunk, str(path))
-        digest = sha256_file(path)
-        if heads:
-            logger.info("'%s' also holds head weights (%d tensors); the encoder uses the trunk only", path, len(heads))
-    model.fmcib_config = config
-    model.fmcib_weights = {"source": source, "path": str(path.resolve()) if path else None, "sha256": digest}
-    return model.eval().to(resolve_device(device))
+    return build_model(resolve_weights(name, pretrained=pretrained, weights=weights, revision=revision), device)
 
 
 def load_model(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None = None,
