@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,9 +13,11 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .exceptions import SeedError
-from .io import ImageGeometry, describe_image, read_image
+from .io import ImageGeometry, describe_image, open_scan, read_image
 
-__all__ = ["COORDINATE_SYSTEMS", "to_lps", "check_inside", "mask_centroid", "seeds_from_mask"]
+__all__ = ["COORDINATE_SYSTEMS", "to_lps", "check_inside", "mask_centroid", "seeds_from_mask", "grid_differences"]
+
+logger = logging.getLogger(__name__)
 
 CoordinateSystem = Literal["lps", "ras", "voxel"]
 COORDINATE_SYSTEMS: tuple[str, ...] = ("lps", "ras", "voxel")
@@ -97,6 +100,21 @@ def check_inside(image: sitk.Image | ImageGeometry, seed_lps: np.ndarray) -> Non
         )
 
 
+def grid_differences(a: sitk.Image | ImageGeometry, b: sitk.Image | ImageGeometry) -> list[str]:
+    """How two voxel grids differ (size, spacing, origin to 1% of a voxel, direction); empty when they match."""
+    ga, gb = ImageGeometry.of(a), ImageGeometry.of(b)
+    diffs = []
+    if tuple(ga.GetSize()) != tuple(gb.GetSize()):
+        diffs.append(f"size {tuple(ga.GetSize())} vs {tuple(gb.GetSize())}")
+    if not np.allclose(ga.GetSpacing(), gb.GetSpacing(), rtol=1e-4, atol=0):
+        diffs.append(f"spacing {np.round(ga.GetSpacing(), 4).tolist()} vs {np.round(gb.GetSpacing(), 4).tolist()}")
+    if not np.allclose(ga.GetOrigin(), gb.GetOrigin(), rtol=0, atol=0.01 * min(min(ga.GetSpacing()), min(gb.GetSpacing()))):
+        diffs.append(f"origin {np.round(ga.GetOrigin(), 3).tolist()} vs {np.round(gb.GetOrigin(), 3).tolist()}")
+    if not np.allclose(ga.GetDirection(), gb.GetDirection(), rtol=0, atol=1e-4):
+        diffs.append("direction")
+    return diffs
+
+
 def mask_centroid(mask: sitk.Image, label: int = 1) -> np.ndarray:
     """Centre of mass (LPS mm) of the voxels of ``mask`` equal to ``label``.
 
@@ -137,7 +155,8 @@ def seeds_from_mask(
     mask : path or SimpleITK.Image
         Label image (NIfTI, NRRD, ...). Voxels equal to ``label`` form the lesion.
     image : path, optional
-        CT the seeds belong to; written to the ``image_path`` column (default: the mask path).
+        CT the seeds belong to; written to the ``image_path`` column (default: the mask path). Its header
+        is read: every seed must lie inside it, and a mask on another voxel grid is logged as a warning.
     label : int or None, default=1
         Label value to use; ``None`` takes every non-zero label (one row each).
     components : bool, default=False
@@ -154,6 +173,11 @@ def seeds_from_mask(
     """
     mask_image = read_image(mask)
     mask_name = str(mask) if not isinstance(mask, sitk.Image) else ""
+    scan = open_scan(image) if image is not None else None  # header only: the seeds must lie inside it
+    if scan is not None and (diffs := grid_differences(mask_image, scan.geometry)):
+        logger.warning("'%s': mask grid differs from image '%s' (%s); centres of mass are computed in physical "
+                       "space, which is right only if both are in the same patient space", mask_name or "<image>",
+                       image, "; ".join(diffs))
     label_image = _as_label_image(mask_image)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(label_image)
@@ -174,6 +198,11 @@ def seeds_from_mask(
             parts = [(lab, stats)]
         for comp_label, st in parts:
             x, y, z = st.GetCentroid(comp_label)
+            if scan is not None and not inside_mask(scan.geometry, np.array([[x, y, z]]))[0]:
+                raise SeedError(
+                    f"'{mask_name or '<image>'}': centre of mass (x={x:.2f}, y={y:.2f}, z={z:.2f}) mm LPS of label "
+                    f"{lab} lies outside the image '{image}' ({describe_image(scan.geometry)}): the mask does not "
+                    "belong to this image, or one of them lost its geometry (origin, direction)")
             rows.append(
                 {
                     "image_path": str(image) if image is not None else mask_name,

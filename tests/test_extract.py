@@ -140,6 +140,49 @@ def test_seeds_from_mask_centroids_and_components(tmp_path):
         seeds_from_mask(tmp_path / "m.nii.gz", label=5)
 
 
+def test_seeds_from_mask_checks_the_mask_against_its_image(tmp_path, caplog):
+    import logging
+
+    from click.testing import CliRunner
+
+    from fmcib.cli import main
+    from fmcib.datasets import make_synthetic_ct
+    from fmcib.exceptions import SeedError
+    from fmcib.seeds import mask_centroid
+
+    case = make_synthetic_ct(size=(64, 64, 24), spacing=(0.8, 0.8, 2.5), n_lesions=1, random_state=0)
+    rows = case.save(tmp_path, "c")
+    ct, mask_path = rows.image_path[0], rows.mask_path[0]
+    mask = read_image(mask_path)
+    expected = mask_centroid(mask, 1)
+    with caplog.at_level(logging.WARNING, logger="fmcib.seeds"):
+        same = seeds_from_mask(mask_path, image=ct)
+    assert not caplog.records
+    np.testing.assert_allclose(same[["coordX", "coordY", "coordZ"]].to_numpy()[0], expected)
+
+    # the same lesion on a finer grid in the same space: allowed, with a warning naming the difference
+    fine = sitk.Resample(mask, [128, 128, 60], sitk.Transform(), sitk.sitkNearestNeighbor,
+                         mask.GetOrigin(), [0.4, 0.4, 1.0], mask.GetDirection(), 0, mask.GetPixelID())
+    sitk.WriteImage(fine, str(tmp_path / "fine.nii.gz"))
+    with caplog.at_level(logging.WARNING, logger="fmcib.seeds"):
+        resampled = seeds_from_mask(tmp_path / "fine.nii.gz", image=ct)
+    assert "mask grid differs" in caplog.text and "spacing" in caplog.text
+    np.testing.assert_allclose(resampled[["coordX", "coordY", "coordZ"]].to_numpy()[0], expected, atol=1.0)
+
+    # a mask that lost its origin lies elsewhere in space: an error naming mask and image
+    moved = sitk.Image(mask)
+    moved.SetOrigin([o + 500.0 for o in mask.GetOrigin()])
+    sitk.WriteImage(moved, str(tmp_path / "moved.nii.gz"))
+    with pytest.raises(SeedError, match=r"moved\.nii\.gz.*outside the image .*c_ct\.nii\.gz"):
+        seeds_from_mask(tmp_path / "moved.nii.gz", image=ct)
+
+    table = pd.DataFrame({"Image": [ct, ct], "Mask": [mask_path, str(tmp_path / "moved.nii.gz")]})
+    table.to_csv(tmp_path / "pairs.csv", index=False)
+    res = CliRunner().invoke(main, ["seeds", "--csv", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "s.csv")])
+    assert res.exit_code == 3 and "row 1" in res.output and "outside the image" in res.output
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 1  # the good row is kept
+
+
 def test_dicom_series_equals_its_nifti(shared_data):
     folder = shared_data / "ibsi_sts_ct" / "dicom_example" / "STS_019" / "CT" / "image"
     dicom = read_image(folder)
