@@ -3,6 +3,7 @@
     python bench/extract.py                      # synthetic 512x512x200 scans + ../shared/data if present
     python bench/extract.py --scans 4 --seeds-per-scan 8 --device cuda --precision bf16
     python bench/extract.py --suffix .nii --no-shared    # uncompressed scans: reading costs almost nothing
+    python bench/extract.py --suffix dicom --no-shared   # DICOM series folders (one file per slice)
     python bench/extract.py --threads 1 --num-workers 1  # encoder on one core, the loader on the other
 
 Prints seeds/s end to end (reading, patching, forward), bare-forward patches/s with the same model,
@@ -24,7 +25,7 @@ import pandas as pd
 import torch
 
 import fmcib
-from fmcib.datasets import make_synthetic_ct
+from fmcib.datasets import make_synthetic_ct, write_dicom_series
 from fmcib.models import create_model, resolve_device
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -101,7 +102,11 @@ def synthetic_table(folder: Path, scans: int, seeds_per_scan: int, suffix: str =
     for k in range(scans):
         case = make_synthetic_ct(size=(512, 512, 200), spacing=(0.7, 0.7, 1.25), n_lesions=seeds_per_scan,
                                  random_state=k)
-        frames.append(case.save(folder, f"scan{k}", suffix=suffix))
+        if suffix == "dicom":  # a series folder, one file per slice
+            write_dicom_series(case.image, folder / f"scan{k}_dicom")
+            frames.append(case.seeds.assign(image_path=str(folder / f"scan{k}_dicom")))
+        else:
+            frames.append(case.save(folder, f"scan{k}", suffix=suffix))
     return pd.concat(frames, ignore_index=True)[["image_path", "coordX", "coordY", "coordZ"]]
 
 
@@ -114,7 +119,7 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".mha", ".nrrd"],
+    p.add_argument("--suffix", default=".nii.gz", choices=[".nii.gz", ".nii", ".mha", ".nrrd", "dicom"],
                    help="file format of the synthetic scans (.nii.gz: compressed, the common case)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/data")

@@ -33,8 +33,8 @@ __all__ = [
 PathLike = str | os.PathLike
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
-    """Read one DICOM series from ``folder``: the only one there, or the one named by ``series_uid``."""
+def _dicom_series_files(folder: Path, series_uid: str | None) -> list[str]:
+    """Files of one DICOM series in ``folder`` (the only one there, or ``series_uid``), sorted along the slice normal."""
     series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
     if not series_ids:
         raise ImageReadError(f"'{folder}': folder holds no DICOM series (and is not an image file)")
@@ -49,10 +49,46 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         raise ImageReadError(
             f"'{folder}': no DICOM series with SeriesInstanceUID {series_uid}; found {', '.join(series_ids)}"
         )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+
+
+def _read_dicom_files(files: Sequence[str]) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(list(files))
     return reader.Execute()
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
+    """Read one DICOM series from ``folder``: the only one there, or the one named by ``series_uid``."""
+    return _read_dicom_files(_dicom_series_files(folder, series_uid))
+
+
+def _slice_header(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
+def _dicom_geometry(name: str, files: Sequence[str]) -> ImageGeometry | None:
+    """Geometry of a sorted DICOM series from its first and last slice headers, as ITK's series reader sets it.
+
+    In-plane size, spacing and direction come from the first slice; the slice step is (last position -
+    first position) / (n - 1). None when the step does not follow the slice normal (gantry tilt,
+    odd sorting): such a series is read whole instead.
+    """
+    first = _slice_header(files[0])
+    _check_scalar_3d(name, first.GetDimension(), first.GetNumberOfComponents(), first.GetSize())
+    nx, ny = (int(v) for v in first.GetSize()[:2])
+    spacing = list(first.GetSpacing())
+    direction = np.asarray(first.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if len(files) > 1:
+        step = (np.asarray(_slice_header(files[-1]).GetOrigin()) - np.asarray(first.GetOrigin())) / (len(files) - 1)
+        length = float(np.linalg.norm(step))
+        if length == 0 or not np.allclose(step / length, direction[:, 2], atol=1e-4):
+            return None
+        spacing[2] = length
+    return ImageGeometry((nx, ny, len(files)), tuple(first.GetOrigin()), tuple(spacing), tuple(direction.ravel()))
 
 
 Region = tuple[Sequence[int], Sequence[int]]  # (index, size) in voxels, SimpleITK (i, j, k) order
@@ -129,24 +165,37 @@ class Scan:
 
     For an image file only the header is read when the scan is opened; :meth:`read` then reads just
     the voxel region it is asked for (SimpleITK streams it: a ``.nii.gz`` is inflated only up to
-    the region's last slice). A DICOM series folder or an in-memory image is read whole at once.
+    the region's last slice). For a DICOM series folder the slice files are listed and the first and
+    last headers read; :meth:`read` then reads only the slice files of the region. An in-memory image,
+    or a DICOM series whose slices do not step along their normal, is held whole.
     """
 
     def __init__(self, path: PathLike | sitk.Image, series_uid: str | None = None) -> None:
         self._image: sitk.Image | None = None
-        if isinstance(path, sitk.Image) or Path(path).is_dir():
-            self._image = read_image(path, series_uid)
-            self.name = str(path) if not isinstance(path, sitk.Image) else "<SimpleITK.Image>"
-            self.geometry = ImageGeometry.of(self._image)
+        self._files: list[str] | None = None
+        if isinstance(path, sitk.Image):
+            self._hold(read_image(path), "<SimpleITK.Image>")
             return
         self.name = str(Path(path))
         if not Path(path).exists():
             raise ImageReadError(f"'{self.name}': file not found")
+        if Path(path).is_dir():
+            with _reader_errors(self.name):
+                files = _dicom_series_files(Path(path), series_uid)
+                geometry = _dicom_geometry(self.name, files)
+            if geometry is None:
+                self._hold(read_image(path, series_uid), self.name)
+            else:
+                self._files, self.geometry = files, geometry
+            return
         reader = self._reader()
         with _reader_errors(self.name):
             reader.ReadImageInformation()
         _check_scalar_3d(self.name, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize())
         self.geometry = ImageGeometry.of(reader)
+
+    def _hold(self, image: sitk.Image, name: str) -> None:
+        self._image, self.name, self.geometry = image, name, ImageGeometry.of(image)
 
     def _reader(self) -> sitk.ImageFileReader:
         reader = sitk.ImageFileReader()
@@ -160,6 +209,8 @@ class Scan:
         """
         if self._image is not None:
             return self._image
+        if self._files is not None:
+            return self._read_slices(region)
         reader = self._reader()  # a fresh reader: no region left over from an earlier call
         if region is not None:
             index, size = region
@@ -167,6 +218,23 @@ class Scan:
             reader.SetExtractSize([int(v) for v in size])
         with _reader_errors(self.name):
             return reader.Execute()
+
+    def _read_slices(self, region: Region | None) -> sitk.Image:
+        """The region's slice files only, cropped in-plane, placed with the series' own geometry."""
+        assert self._files is not None
+        index, size = region if region is not None else ((0, 0, 0), self.geometry.GetSize())
+        index, size = [int(v) for v in index], [int(v) for v in size]
+        with _reader_errors(self.name):
+            image = _read_dicom_files(self._files[index[2]:index[2] + size[2]])
+            _check_scalar_3d(self.name, image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize())
+            if tuple(image.GetSize()[:2]) != tuple(self.geometry.GetSize()[:2]):
+                raise ImageReadError(f"'{self.name}': slices {index[2]}..{index[2] + size[2] - 1} are "
+                                     f"{image.GetSize()[:2]} voxels, the first slice {self.geometry.GetSize()[:2]}")
+            image = sitk.RegionOfInterest(image, [size[0], size[1], size[2]], [index[0], index[1], 0])
+        image.SetOrigin(self.geometry.TransformContinuousIndexToPhysicalPoint([float(v) for v in index]))
+        image.SetSpacing(self.geometry.GetSpacing())
+        image.SetDirection(self.geometry.GetDirection())
+        return image
 
 
 def open_scan(path: PathLike | sitk.Image, series_uid: str | None = None) -> Scan:

@@ -155,8 +155,9 @@ def seeds_from_mask(
     mask : path or SimpleITK.Image
         Label image (NIfTI, NRRD, ...). Voxels equal to ``label`` form the lesion.
     image : path, optional
-        CT the seeds belong to; written to the ``image_path`` column (default: the mask path). Its header
-        is read: every seed must lie inside it, and a mask on another voxel grid is logged as a warning.
+        CT the seeds belong to; written to the ``image_path`` column (default: the mask path). When it
+        exists, its header is read: every seed must lie inside it, and a mask on another voxel grid is
+        logged as a warning (an image not found is logged too, and not checked).
     label : int or None, default=1
         Label value to use; ``None`` takes every non-zero label (one row each).
     components : bool, default=False
@@ -173,7 +174,12 @@ def seeds_from_mask(
     """
     mask_image = read_image(mask)
     mask_name = str(mask) if not isinstance(mask, sitk.Image) else ""
-    scan = open_scan(image) if image is not None else None  # header only: the seeds must lie inside it
+    scan = None  # header only: the seeds must lie inside it
+    if image is not None and Path(image).exists():
+        scan = open_scan(image)
+    elif image is not None:
+        logger.warning("'%s': image '%s' not found from here; its seeds are not checked against it", mask_name,
+                       image)
     if scan is not None and (diffs := grid_differences(mask_image, scan.geometry)):
         logger.warning("'%s': mask grid differs from image '%s' (%s); centres of mass are computed in physical "
                        "space, which is right only if both are in the same patient space", mask_name or "<image>",

@@ -197,6 +197,66 @@ def test_patches_from_a_streamed_region_equal_patches_from_the_whole_scan(tmp_pa
     assert patch_region(scan.geometry, [], cfg) is None
 
 
+@pytest.mark.parametrize("direction", [
+    (1, 0, 0, 0, 1, 0, 0, 0, 1),
+    (0.96, -0.28, 0, 0.28, 0.96, 0, 0, 0, 1),  # rotated in-plane
+    (1, 0, 0, 0, 0.94, -0.34, 0, 0.34, 0.94),  # oblique slices: the normal is not z
+    (1, 0, 0, 0, -1, 0, 0, 0, -1),  # left-handed storage: the series is read back z-sorted
+])
+def test_dicom_region_reads_equal_the_whole_series(tmp_path, direction):
+    from fmcib.datasets import write_dicom_series
+    from fmcib.io import read_image
+
+    rng = np.random.default_rng(4)
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    d /= np.linalg.norm(d, axis=0)  # exact unit columns
+    image = _image(rng.normal(0, 300, (40, 70, 60)).astype(np.int16), (0.8, 0.7, 2.5), (-30.0, 20.0, -60.0),
+                   tuple(d.ravel()))
+    write_dicom_series(image, tmp_path / "series")
+    whole = read_image(tmp_path / "series")  # ITK's series reader, every slice
+    scan = open_scan(tmp_path / "series")
+    assert scan._files is not None and len(scan._files) == 40  # geometry from two headers, not the voxels
+    assert scan.geometry.GetSize() == whole.GetSize()
+    for a, b in ((scan.geometry.GetOrigin(), whole.GetOrigin()), (scan.geometry.GetSpacing(), whole.GetSpacing()),
+                 (scan.geometry.GetDirection(), whole.GetDirection())):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+    cfg = PreprocessConfig()
+    centre = np.array(whole.TransformContinuousIndexToPhysicalPoint([30.2, 35.7, 20.4]))
+    corner = np.array(whole.TransformContinuousIndexToPhysicalPoint([1.0, 2.0, 38.5]))
+    for seeds in ([centre], [corner], [centre, corner]):
+        region = patch_region(scan.geometry, [patch_origin(scan.geometry, p, cfg) for p in seeds], cfg)
+        part = scan.read(region)
+        assert part.GetSize() == tuple(region[1])
+        for seed in seeds:
+            want, want_pad = extract_patch(whole, seed, cfg)
+            got, got_pad = extract_patch(part, seed, cfg, geometry=scan.geometry)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+            assert got_pad == pytest.approx(want_pad)
+    region = patch_region(scan.geometry, [patch_origin(scan.geometry, centre, cfg)], cfg)
+    assert region[1][2] < 30  # a 50 mm patch on 2.5 mm slices reads about 22 of the 40 slice files
+
+
+def test_dicom_series_with_slices_off_their_normal_is_read_whole(tmp_path):
+    from fmcib.datasets import write_dicom_series
+    from fmcib.io import read_image
+
+    image = _image(np.random.default_rng(5).normal(0, 300, (12, 30, 30)).astype(np.int16), (1.0, 1.0, 2.0),
+                   (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    files = write_dicom_series(image, tmp_path / "tilted")
+    for k, f in enumerate(files):  # gantry tilt: each slice also moves 0.5 mm in y
+        plane = sitk.ReadImage(str(f))
+        plane.SetMetaData("0020|0032", f"0\\{0.5 * k}\\{2.0 * k}")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(f))
+        writer.Execute(plane)
+    scan = open_scan(tmp_path / "tilted")
+    assert scan._files is None and scan._image is not None
+    whole = read_image(tmp_path / "tilted")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(scan.read(((0, 0, 3), (5, 5, 2)))),
+                                  sitk.GetArrayFromImage(whole))
+
+
 def test_geometry_matches_simpleitk_transforms():
     image = _image(np.zeros((5, 6, 7), np.int16), (0.9, 0.7, 2.5), (-3.0, 2.0, 6.0), (0, -1, 0, 1, 0, 0, 0, 0, 1))
     geometry = ImageGeometry.of(image)

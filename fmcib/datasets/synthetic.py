@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-__all__ = ["SyntheticCT", "make_synthetic_ct"]
+__all__ = ["SyntheticCT", "make_synthetic_ct", "write_dicom_series"]
 
 # Typical HU levels of the tissues drawn.
 AIR_HU, LUNG_HU, SOFT_TISSUE_HU, BONE_HU = -1000.0, -850.0, 40.0, 700.0
@@ -141,3 +141,38 @@ def make_synthetic_ct(
     mask = sitk.GetImageFromArray(labels)
     mask.CopyInformation(image)
     return SyntheticCT(image=ct, mask=mask, seeds=pd.DataFrame(rows))
+
+
+def write_dicom_series(image: sitk.Image, folder: str | os.PathLike, series_uid: str | None = None) -> list[Path]:
+    """Write a 3D CT (HU) as a DICOM series, one int16 file per slice, with the tags that place each slice.
+
+    Per slice: ImageOrientationPatient (the first two direction columns), ImagePositionPatient (the
+    slice's first voxel), PixelSpacing, SliceThickness, InstanceNumber, rescale slope 1 / intercept 0 and
+    one SeriesInstanceUID, so that reading the folder back gives the same voxels in the same place
+    (the slice order follows the normal, as GDCM sorts). Returns the files in slice order.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    volume = sitk.Cast(image, sitk.sitkInt16)
+    direction = np.asarray(volume.GetDirection(), dtype=np.float64).reshape(3, 3)
+    digits = "".join(str(d) for d in np.random.default_rng().integers(0, 10, 20))
+    uid = series_uid or f"1.2.826.0.1.3680043.2.1125.{digits}"
+    sx, sy, sz = volume.GetSpacing()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    files = []
+    for k in range(volume.GetDepth()):
+        plane = volume[:, :, k]
+        tags = {
+            "0008|0060": "CT", "0010|0020": "SYNTHETIC", "0020|000d": f"{uid}.1", "0020|000e": uid,
+            "0008|0018": f"{uid}.2.{k + 1}", "0020|0013": str(k + 1),
+            "0020|0037": "\\".join(f"{v:.10f}" for v in (*direction[:, 0], *direction[:, 1])),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0028|0030": f"{sy:.6f}\\{sx:.6f}", "0018|0050": f"{sz:.6f}", "0028|1052": "0", "0028|1053": "1",
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        files.append(out / f"{k:04d}.dcm")
+        writer.SetFileName(str(files[-1]))
+        writer.Execute(plane)
+    return files
