@@ -76,17 +76,27 @@ def drop_missing(X: Any, y: Any = None) -> tuple[Any, Any, np.ndarray]:
     return take(X), (take(np.asarray(y) if not isinstance(y, pd.Series) else y) if y is not None else None), kept
 
 
-def _logistic(C: float, penalty: str, max_iter: int, random_state: int | None) -> LogisticRegression:
-    """A LogisticRegression with an L1 or L2 penalty, across scikit-learn versions."""
-    solver = "saga" if penalty == "l1" else "lbfgs"
+# liblinear penalises the intercept as the weight of a constant feature of this value; this large, the
+# penalty on the intercept is negligible (decision functions within 0.01 of saga's converged solution).
+LIBLINEAR_INTERCEPT_SCALING = 100.0
+
+
+def _logistic(C: float, penalty: str, max_iter: int, random_state: int | None, n_classes: int = 2) -> LogisticRegression:
+    """A LogisticRegression with an L1 or L2 penalty, across scikit-learn versions.
+
+    Solvers: lbfgs for L2; for L1, liblinear on two classes (on 4096 features 50-100x faster than saga,
+    which often stops unconverged) and saga on more (multinomial).
+    """
+    solver = "lbfgs" if penalty != "l1" else ("liblinear" if n_classes == 2 else "saga")
+    extra = {"intercept_scaling": LIBLINEAR_INTERCEPT_SCALING} if solver == "liblinear" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:  # scikit-learn >= 1.8: the penalty is l1_ratio
             return LogisticRegression(C=C, l1_ratio=1.0 if penalty == "l1" else 0.0, solver=solver,
-                                      max_iter=max_iter, random_state=random_state)
+                                      max_iter=max_iter, random_state=random_state, **extra)
         except TypeError:  # pragma: no cover - older scikit-learn
             return LogisticRegression(C=C, penalty=penalty, solver=solver, max_iter=max_iter,
-                                      random_state=random_state)
+                                      random_state=random_state, **extra)
 
 
 class LogisticProbe(ClassifierMixin, BaseEstimator):
@@ -101,7 +111,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
     C_range : (float, float), default=(1e-6, 1e3)
         Log-uniform search range for ``C``.
     penalties : sequence of {"l2", "l1"}, default=("l2",)
-        Penalties Optuna may choose from (L1 uses the slower ``saga`` solver).
+        Penalties Optuna may choose from (L1: ``liblinear`` for two classes, the slower ``saga`` for more).
     scoring : {"auto", "auc", "balanced_accuracy", "average_precision"}, default="auto"
         Tuning objective. ``"auto"``: AUC (binary) or macro one-vs-rest AUC (multiclass).
     cv : int, default=5
@@ -191,7 +201,8 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
 
     def _make(self, params: dict[str, Any]) -> Pipeline:
         return Pipeline([("scaler", StandardScaler()),
-                         ("logistic", _logistic(params["C"], params["penalty"], self.max_iter, self.random_state))])
+                         ("logistic", _logistic(params["C"], params["penalty"], self.max_iter, self.random_state,
+                                                n_classes=len(self.classes_)))])
 
     def _score(self, model: Pipeline, X: np.ndarray, y: np.ndarray) -> float:
         present = np.unique(y)
@@ -309,7 +320,8 @@ def load_probe(path: str | os.PathLike) -> LogisticProbe:
     scaler.var_ = np.asarray(doc["scaler"]["var"])
     scaler.n_samples_seen_ = doc["scaler"]["n_samples_seen"]
     scaler.n_features_in_ = coef.shape[1]
-    logistic = _logistic(probe.best_params_["C"], probe.best_params_["penalty"], probe.max_iter, probe.random_state)
+    logistic = _logistic(probe.best_params_["C"], probe.best_params_["penalty"], probe.max_iter, probe.random_state,
+                         n_classes=len(probe.classes_))
     logistic.coef_ = coef
     logistic.intercept_ = np.asarray(doc["intercept"], dtype=np.float64)
     logistic.classes_ = probe.classes_

@@ -163,6 +163,31 @@ def test_probe_in_pipeline_cv_multiclass_and_limited_data_curve():
 
 
 # --------------------------------------------------------------------------------------------- ICC
+def test_l1_probe_matches_a_converged_reference_fit(tmp_path):
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(7)
+    y = (rng.random(200) < 0.35).astype(int)
+    X = rng.normal(size=(200, 60))
+    X[:, :4] += 0.8 * y[:, None]
+    probe = LogisticProbe(n_trials=0, C=0.2, penalties=("l1",)).fit(X, y)
+    assert probe.best_params_["penalty"] == "l1" and probe.pipeline_.named_steps["logistic"].solver == "liblinear"
+    Z = StandardScaler().fit_transform(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LogisticRegression(C=0.2, l1_ratio=1.0, solver="saga", tol=1e-10, max_iter=100000).fit(Z, y)
+    coef = probe.pipeline_.named_steps["logistic"].coef_
+    assert set(np.flatnonzero(coef)) == set(np.flatnonzero(ref.coef_))  # same sparsity pattern
+    np.testing.assert_allclose(probe.decision_function(X), ref.decision_function(Z), atol=0.02)
+    probe.save(tmp_path / "l1.json")
+    np.testing.assert_array_equal(load_probe(tmp_path / "l1.json").predict_proba(X), probe.predict_proba(X))
+    three = LogisticProbe(n_trials=0, C=0.5, penalties=("l1",)).fit(X, rng.integers(0, 3, 200))
+    assert three.pipeline_.named_steps["logistic"].solver == "saga"  # multinomial L1
+
+
 def test_icc_reproduces_shrout_fleiss_1979_table():
     # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges, and their published ICCs.
     ratings = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]])
