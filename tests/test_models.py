@@ -66,6 +66,9 @@ def test_every_legacy_layout_loads_to_identical_parameters(tiny, tmp_path):
         model = create_model(cfg.name, weights=tmp_path / name, device="cpu")
         _assert_same_params(model, trunk)
         assert model.fmcib_weights["sha256"] and not model.training
+        # built on the meta device, then given the checkpoint's tensors: nothing may stay without storage
+        assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        assert all(p.requires_grad for p in model.parameters())  # fine-tuning still works
 
 
 def test_strict_loading_names_the_bad_keys(tiny, tmp_path):
