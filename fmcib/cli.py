@@ -37,6 +37,12 @@ def extraction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]),
                      help="Coordinate system of coordX/Y/Z."),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"])),
+        click.option("--patch-size", default=None, type=click.IntRange(min=8),
+                     help="Override the model's patch edge in voxels (e.g. 64 for lesions over 50 mm).",
+                     callback=_collect_contract, expose_value=False),
+        click.option("--spacing", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="Override the model's patch spacing in mm.", callback=_collect_contract,
+                     expose_value=False),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
     ]
     for option in reversed(options):
@@ -44,13 +50,20 @@ def extraction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _collect_contract(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Keep --patch-size/--spacing in the context, so commands need not list them."""
+    ctx.ensure_object(dict).setdefault("contract", {})[param.name] = value
+
+
 def _extractor(model: str, weights: Path | None, device: str, batch_size: int, num_workers: int | None,
                precision: str, no_progress: bool) -> Any:
     from .extract import FeatureExtractor
 
+    contract = (click.get_current_context().obj or {}).get("contract", {})
     return FeatureExtractor(model=model, weights=weights, device=None if device == "auto" else device,
                             batch_size=batch_size, num_workers=num_workers, precision=precision,
-                            progress=not no_progress)
+                            progress=not no_progress, patch_size=contract.get("patch_size"),
+                            spacing_mm=contract.get("spacing"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

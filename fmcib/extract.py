@@ -9,6 +9,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -270,6 +271,10 @@ class FeatureExtractor:
         Show a progress bar (only on a terminal).
     start_method : str, optional
         Multiprocessing start method for workers (``"spawn"``, ``"fork"``, ...; default: platform's).
+    patch_size, spacing_mm : optional
+        Override the model's patch contract (e.g. 64 voxels for lesions larger than 50 mm; the paper
+        also tried 64). The encoder pools globally, so it accepts any size, but features of another
+        contract than the model was trained with are not comparable with published ones (logged).
     """
 
     model: Any = "resnet50_3d.fmcib"
@@ -280,8 +285,11 @@ class FeatureExtractor:
     precision: Precision = "fp32"
     progress: bool = True
     start_method: str | None = None
+    patch_size: int | None = None
+    spacing_mm: float | None = None
     _encoder: Any = field(default=None, init=False, repr=False)
     _resolved: Any = field(default=None, init=False, repr=False)
+    _override_logged: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -330,9 +338,19 @@ class FeatureExtractor:
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
-        """The encoder's input contract (defaults for a bare module without ``fmcib_config``)."""
+        """The patch contract used: the model's (defaults for a bare module), with any override applied."""
         cfg = self._config()
-        return cfg.preprocess if cfg is not None else PreprocessConfig()
+        base = cfg.preprocess if cfg is not None else PreprocessConfig()
+        changes = {k: v for k, v in (("patch_size", self.patch_size), ("spacing_mm", self.spacing_mm))
+                   if v is not None and v != getattr(base, k)}
+        if not changes:
+            return base
+        if cfg is not None and not self._override_logged:
+            logger.warning("%s: patch contract overridden (%s); its features are not comparable with the "
+                        "published %d^3 @ %g mm ones", cfg.name, ", ".join(f"{k}={v}" for k, v in changes.items()),
+                        base.patch_size, base.spacing_mm)
+            self._override_logged = True
+        return dataclasses.replace(base, **changes)
 
     @property
     def num_features(self) -> int:
@@ -488,6 +506,8 @@ def extract_features(
     on_error: Literal["warn", "raise"] = "warn",
     start_method: str | None = None,
     base_dir: str | os.PathLike | None = None,
+    patch_size: int | None = None,
+    spacing_mm: float | None = None,
 ) -> pd.DataFrame:
     """Extract encoder features for every seed in a table.
 
@@ -498,9 +518,9 @@ def extract_features(
         through), or pyradiomics-style ``Image, Mask[, Label]`` (seed = the label's centre of mass).
         An optional ``SeriesInstanceUID`` column picks a series in a DICOM folder. Relative paths are
         taken from the working directory, else from the table's folder.
-    model, weights, device, batch_size, num_workers, precision, start_method
+    model, weights, device, batch_size, num_workers, precision, start_method, patch_size, spacing_mm
         See :class:`FeatureExtractor`. ``model`` may also be a ready :class:`FeatureExtractor`, which is
-        then used as it is (the other five are ignored).
+        then used as it is (the others are ignored).
     coords : {"lps", "ras", "voxel"}, default="lps"
         Coordinate system of ``coordX/Y/Z`` (see :func:`fmcib.seeds.to_lps`).
     progress : bool, default=True
@@ -527,7 +547,8 @@ def extract_features(
     plan_scans(df.iloc[:0], name=name)  # column check before loading anything
     extractor = model if isinstance(model, FeatureExtractor) else FeatureExtractor(
         model=model, weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
-        precision=precision, progress=progress, start_method=start_method)
+        precision=precision, progress=progress, start_method=start_method, patch_size=patch_size,
+        spacing_mm=spacing_mm)
     batches: list[BatchResult] = []
     errors: list[RowError] = []
     for res in extractor.iter_table(df, coords=coords, base_dir=base_dir, name=name):

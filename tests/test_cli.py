@@ -104,6 +104,35 @@ def test_resume_refuses_output_made_with_other_weights(synthetic_cases, tiny_mod
     assert result.exit_code == 1 and "different settings (weights_sha256)" in result.output
 
 
+def test_patch_size_override_for_large_lesions(synthetic_cases, tiny_model_dir, tmp_path, caplog):
+    import logging
+
+    from fmcib import extract_features, preprocess
+    from fmcib.models import create_model
+
+    table = synthetic_cases[["image_path", "coordX", "coordY", "coordZ"]].iloc[:3]
+    with caplog.at_level(logging.WARNING, logger="fmcib.extract"):
+        out = extract_features(table, weights=tiny_model_dir, num_workers=0, progress=False, patch_size=64,
+                               spacing_mm=1.5)
+    assert "patch contract overridden" in caplog.text
+    assert out.attrs["fmcib"]["preprocess"]["patch_size"] == 64 and out.attrs["fmcib"]["preprocess"]["spacing_mm"] == 1.5
+    model = create_model(weights=tiny_model_dir, device="cpu")
+    with torch.inference_mode():
+        for i, rec in table.iterrows():  # the public preprocess() with the same contract is the reference
+            patch = preprocess(rec.image_path, rec[["coordX", "coordY", "coordZ"]], size=64, spacing=1.5)
+            assert patch.shape == (1, 64, 64, 64)
+            np.testing.assert_allclose(out.filter(like="pred_").iloc[i], model(patch[None])[0].numpy(),
+                                       rtol=1e-4, atol=1e-5)
+
+    table.to_csv(tmp_path / "s.csv", index=False)
+    base = ["extract", "--csv", str(tmp_path / "s.csv"), "--out", str(tmp_path / "f.parquet"), "--num-workers", "0",
+            "--weights", str(tiny_model_dir), "--no-progress"]
+    assert _cli(*base, "--patch-size", "64").exit_code == 0
+    assert read_table_metadata(tmp_path / "f.parquet")["provenance"]["preprocess"]["patch_size"] == 64
+    result = CliRunner().invoke(main, [*base, "--resume"])  # the default contract is another setting
+    assert result.exit_code == 1 and "different settings (preprocess)" in result.output
+
+
 def test_seeds_models_convert_and_version(tmp_path):
     import SimpleITK as sitk
 
