@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import functools
 import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -347,8 +347,8 @@ class FeatureExtractor:
             return base
         if cfg is not None and not self._override_logged:
             logger.warning("%s: patch contract overridden (%s); its features are not comparable with the "
-                        "published %d^3 @ %g mm ones", cfg.name, ", ".join(f"{k}={v}" for k, v in changes.items()),
-                        base.patch_size, base.spacing_mm)
+                           "published %d^3 @ %g mm ones", cfg.name,
+                           ", ".join(f"{k}={v}" for k, v in changes.items()), base.patch_size, base.spacing_mm)
             self._override_logged = True
         return dataclasses.replace(base, **changes)
 

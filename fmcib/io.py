@@ -183,8 +183,9 @@ class Scan:
             with _reader_errors(self.name):
                 files = _dicom_series_files(Path(path), series_uid)
                 geometry = _dicom_geometry(self.name, files)
-            if geometry is None:
-                self._hold(read_image(path, series_uid), self.name)
+            if geometry is None:  # slices off their normal: read them all, as listed, and let ITK place them
+                with _reader_errors(self.name):
+                    self._hold(_read_dicom_files(files), self.name)
             else:
                 self._files, self.geometry = files, geometry
             return

@@ -21,6 +21,7 @@ from .extract import (
     RowError,
     assemble,
     errors_frame,
+    load_seed_table,
     plan_scans,
 )
 from .io import atomic_path, read_table, read_table_metadata, write_table
@@ -130,8 +131,7 @@ def run_extraction(
         ``resume`` against output made with other settings.
     """
     out = Path(out)
-    df = read_table(table)
-    name = f"'{table}'"
+    df, table_dir, name = load_seed_table(table)
     plan_scans(df.iloc[:0], name=name)  # fail on missing columns before loading the model
     keys = row_keys(df)
     parts = partial_dir(out)
@@ -150,7 +150,7 @@ def run_extraction(
     errors: list[RowError] = []
     chunk_no = len(list(parts.glob("chunk-*.npz")))
     if todo:
-        for res in extractor.iter_table(df, coords=coords, base_dir=Path(table).parent, rows=todo, name=name):
+        for res in extractor.iter_table(df, coords=coords, base_dir=table_dir, rows=todo, name=name):
             if isinstance(res, RowError):
                 errors.append(res)
                 continue
