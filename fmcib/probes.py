@@ -7,6 +7,7 @@ probe is saved as plain JSON (scaler, coefficients, settings), never as a pickle
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -79,6 +80,7 @@ def drop_missing(X: Any, y: Any = None) -> tuple[Any, Any, np.ndarray]:
 # liblinear penalises the intercept as the weight of a constant feature of this value; this large, the
 # penalty on the intercept is negligible (decision functions within 0.02 of saga's converged solution, tested).
 LIBLINEAR_INTERCEPT_SCALING = 100.0
+_PENALTY_BY_L1_RATIO = inspect.signature(LogisticRegression).parameters["penalty"].default == "deprecated"
 
 
 def _logistic(C: float, penalty: str, max_iter: int, random_state: int | None, n_classes: int = 2) -> LogisticRegression:
@@ -89,14 +91,11 @@ def _logistic(C: float, penalty: str, max_iter: int, random_state: int | None, n
     """
     solver = "lbfgs" if penalty != "l1" else ("liblinear" if n_classes == 2 else "saga")
     extra = {"intercept_scaling": LIBLINEAR_INTERCEPT_SCALING} if solver == "liblinear" else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        try:  # scikit-learn >= 1.8: the penalty is l1_ratio
-            return LogisticRegression(C=C, l1_ratio=1.0 if penalty == "l1" else 0.0, solver=solver,
-                                      max_iter=max_iter, random_state=random_state, **extra)
-        except TypeError:  # pragma: no cover - older scikit-learn
-            return LogisticRegression(C=C, penalty=penalty, solver=solver, max_iter=max_iter,
-                                      random_state=random_state, **extra)
+    if _PENALTY_BY_L1_RATIO:  # scikit-learn >= 1.8: `penalty` is deprecated, l1_ratio names it
+        extra["l1_ratio"] = 1.0 if penalty == "l1" else 0.0
+    else:  # scikit-learn < 1.8 ignores l1_ratio unless penalty="elasticnet": it must be named
+        extra["penalty"] = penalty
+    return LogisticRegression(C=C, solver=solver, max_iter=max_iter, random_state=random_state, **extra)
 
 
 class LogisticProbe(ClassifierMixin, BaseEstimator):

@@ -80,7 +80,7 @@ def _pick_weights_file(names: list[str], folder: str) -> str | None:
 def _from_hub(config: ModelConfig, revision: str | None) -> Path:
     """Weights file of a registry entry from the Hub, listing its folder when the expected name is absent."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError  # also in 0.23 (errors: 0.24+)
 
     src = config.weights
     if src is None or not (src.hf_hub_id and src.hf_filename):
