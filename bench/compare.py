@@ -197,9 +197,7 @@ def patch_torchvision(python: str) -> None:
                                capture_output=True, text=True, check=True).stdout.strip()).parent
     meta = path / "_meta_registrations.py"
     text = meta.read_text()
-    if "_has_ops()" in text:
-        return
-    for op in ("nms", "qnms"):
+    for op in ("nms", "qnms"):  # idempotent: a patched line no longer matches
         text = text.replace(f'@torch.library.register_fake("torchvision::{op}")',
                             f'@(torch.library.register_fake("torchvision::{op}") if torchvision.extension._has_ops() '
                             f"else (lambda f: f))")

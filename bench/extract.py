@@ -8,6 +8,11 @@
 
 Prints seeds/s end to end (reading, patching, forward), bare-forward patches/s with the same model,
 batch size and threads, their ratio, and peak resident memory; writes the figures as JSON to bench/out/.
+These are marginal rates: the encoder is loaded once, before the timed calls. A whole call pays a
+fixed cost on top (resolving and hashing the weights, building the encoder, starting the loader, the
+first forward): ``whole_call`` times ``fmcib.extract_features(csv, weights=folder)`` in fresh processes
+for one seed and for the whole synthetic table, with a breakdown of the fixed cost by phase, the weights
+digest cold (first run on a file) and warm (cached).
 """
 
 from __future__ import annotations
@@ -97,6 +102,66 @@ def compare(table: pd.DataFrame, model: torch.nn.Module, args: argparse.Namespac
             "ratio": round(ratios[mid], 3), "ratios_all_repeats": [round(r, 3) for r in ratios]}
 
 
+_WHOLE_CALL = """
+import json, sys, time
+import fmcib
+t = time.perf_counter()
+out = fmcib.extract_features(sys.argv[1], weights=sys.argv[2], progress=False)
+print(json.dumps({"seconds": time.perf_counter() - t, "rows": len(out)}))
+"""
+
+_PHASES = """
+import json, sys, time
+import torch
+from fmcib.models import build_model, resolve_weights
+times, t = {}, time.perf_counter()
+def lap(name):
+    global t
+    now = time.perf_counter(); times[name] = round(now - t, 3); t = now
+resolved = resolve_weights(weights=sys.argv[1]); lap("resolve_config")
+resolved.sha256; lap("weights_sha256")
+model = build_model(resolved, device="cpu"); lap("build_and_load")
+x = torch.zeros(1, 1, 50, 50, 50)
+with torch.inference_mode():
+    model(x); lap("first_forward_1_patch")
+    model(x); lap("next_forward_1_patch")
+print(json.dumps(times))
+"""
+
+
+def _fresh(code: str, *argv: str) -> dict[str, float]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def whole_call(table: pd.DataFrame, folder: Path, marginal_seeds_per_s: float, repeats: int) -> dict[str, object]:
+    """Whole ``extract_features`` calls in fresh processes (weights loaded from ``folder``) and their fixed cost."""
+    from fmcib.models import get_model_config
+    from fmcib.models.architectures import build_architecture
+    from fmcib.models.checkpoints import save_hub_layout
+
+    cfg = get_model_config("resnet50_3d.fmcib")
+    weights = folder / "weights"
+    torch.manual_seed(0)
+    save_hub_layout(cfg, build_architecture(cfg.architecture, cfg.model_args).state_dict(), weights)
+    one, full = folder / "one.csv", folder / "all.csv"
+    table.iloc[:1].to_csv(one, index=False)
+    table.to_csv(full, index=False)
+    cold = _fresh(_PHASES, str(weights))  # first use of this weights file: its digest is computed
+    warm = [_fresh(_PHASES, str(weights)) for _ in range(repeats)]
+    one_s = sorted(_fresh(_WHOLE_CALL, str(one), str(weights))["seconds"] for _ in range(repeats))
+    full_s = sorted(_fresh(_WHOLE_CALL, str(full), str(weights))["seconds"] for _ in range(repeats))
+    median = {k: float(np.median([w[k] for w in warm])) for k in warm[0]}
+    return {"one_seed_call_s": round(one_s[len(one_s) // 2], 2),
+            "fixed_cost_s": round(one_s[len(one_s) // 2] - 1 / marginal_seeds_per_s, 2),
+            f"whole_call_{len(table)}_seeds_per_s": round(len(table) / full_s[len(full_s) // 2], 3),
+            "marginal_seeds_per_s": round(marginal_seeds_per_s, 3),
+            "phases_first_run_on_the_file_s": cold, "phases_s": median}
+
+
 def synthetic_table(folder: Path, scans: int, seeds_per_scan: int, suffix: str = ".nii.gz") -> pd.DataFrame:
     frames = []
     for k in range(scans):
@@ -123,6 +188,7 @@ def main() -> None:
                    help="file format of the synthetic scans (.nii.gz: compressed, the common case)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-shared", action="store_true", help="skip ../shared/data")
+    p.add_argument("--no-whole-call", action="store_true", help="skip the whole-call / fixed-cost measurement")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,6 +201,9 @@ def main() -> None:
         table = synthetic_table(Path(tmp), args.scans, args.seeds_per_scan, args.suffix)
         results["synthetic"] = {"scans": args.scans, "seeds": len(table), "scan": f"512x512x200 int16 {args.suffix}",
                                 **compare(table, model, args)}
+        if not args.no_whole_call and device.type == "cpu":
+            results["whole_call"] = whole_call(table, Path(tmp), results["synthetic"]["end_to_end_seeds_per_s"],
+                                               args.repeats)
     if not args.no_shared and (SHARED / "manifest.csv").is_file():
         manifest = pd.read_csv(SHARED / "manifest.csv")
         table = manifest[manifest.source == "ibsi_sts_ct"].assign(image_path=lambda d: str(SHARED) + "/" + d.image)

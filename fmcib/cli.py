@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import click
 
 from ._version import __version__
+from .exceptions import FmcibError
 
 # Exit codes: 0 success, 1 error (nothing or not everything could be done), 2 usage error (click),
 # 3 finished but some rows failed (good rows written; reasons in the errors file).
@@ -30,7 +32,8 @@ def extraction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Registry name or hf-hub:org/repo[@rev]."),
         click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
                      help="Local weights file or folder (skips the Hub)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps."),
+        click.option("--device", default="auto", show_default=True, callback=_check_device,
+                     help="auto, cpu, cuda, cuda:1, mps."),
         click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1)),
         click.option("--num-workers", default=None, type=click.IntRange(min=0),
                      help="Loader processes [default: one per core on CPU (max 4), all but one with a GPU (max 8)]."),
@@ -48,6 +51,39 @@ def extraction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a device this machine's PyTorch cannot use while the options are parsed, before any work."""
+    import re
+
+    name = str(value).lower()
+    if name in ("auto", "cpu"):
+        return name
+    if not re.fullmatch(r"cuda(:\d+)?|mps", name):
+        raise click.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:<index> or mps")
+    import torch
+
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{value!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use "
+                                     "--device cpu, or install a CUDA build of PyTorch")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise click.BadParameter(f"{value!r}: Apple MPS is not available here; use --device cpu")
+    return name
+
+
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (what workflow managers send) end a run as Ctrl-C does: cleanly, progress kept."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _collect_contract(ctx: click.Context, param: click.Parameter, value: Any) -> None:
@@ -85,9 +121,10 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
               help="Output table: .parquet or .csv.")
 @extraction_options
 @click.option("--resume", is_flag=True, help="Skip rows already in --out (or saved by an interrupted run).")
+@click.option("--overwrite", is_flag=True, help="Discard the saved progress of an interrupted run on --out.")
 @click.pass_context
 def extract(ctx: click.Context, table: Path, out: Path, model: str, weights: Path | None, device: str,
-            batch_size: int, num_workers: int | None, coords: str, precision: str, resume: bool,
+            batch_size: int, num_workers: int | None, coords: str, precision: str, resume: bool, overwrite: bool,
             no_progress: bool) -> None:
     """Extract features for every seed in a table.
 
@@ -98,14 +135,23 @@ def extract(ctx: click.Context, table: Path, out: Path, model: str, weights: Pat
     reason in <out stem>.errors.csv; the good rows are written and the exit status is 3.
     """
     from .exceptions import FmcibError
-    from .runs import run_extraction
+    from .runs import partial_dir, run_extraction, saved_rows
 
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    _stop_on_sigterm()
     try:
         extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
-        summary = run_extraction(table, out, extractor, coords=coords, resume=resume)
+        summary = run_extraction(table, out, extractor, coords=coords, resume=resume, overwrite=overwrite)
     except FmcibError as exc:
         _fail(exc, ctx.obj["debug"])
         return
+    except KeyboardInterrupt:
+        saved = saved_rows(out)
+        where = f" in '{partial_dir(out)}'" if saved else ""
+        click.echo(f"interrupted: {saved} row(s) saved{where}; run the same command with --resume to continue",
+                   err=True)
+        ctx.exit(130)
     reused = f" ({summary.n_reused} reused)" if summary.n_reused else ""
     click.echo(f"wrote {summary.n_written} of {summary.n_rows} rows{reused} to {summary.output}", err=True)
     if summary.n_failed:
@@ -150,15 +196,20 @@ def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path
     import pandas as pd
 
     from .exceptions import FmcibError
-    from .io import read_table, write_table
-    from .seeds import _resolve_path, seeds_from_mask
+    from .files import read_table, write_table
+    from .seeds import seeds_from_mask
+    from .tables import resolve_path
+
+    from .files import check_outputs, check_table_output
 
     if (mask is None) == (table is None):
         raise click.UsageError("give either --mask (with optional --image) or --csv")
     frames, failed = [], []
     try:
+        check_table_output(out)
+        check_outputs({"--mask": mask, "--image": image, "--csv": table}, {"--out": out})
         if mask is not None:
-            jobs = [(0, mask, image, label if label is not None else 1)]
+            jobs = [(0, mask, image, label if label is not None else 1, {})]
         else:
             df = read_table(table)
             missing = [c for c in ("Image", "Mask") if c not in df.columns]
@@ -168,11 +219,15 @@ def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path
             for i, rec in df.iterrows():
                 lab = label if label is not None else (int(rec["Label"]) if "Label" in df.columns
                                                        and not pd.isna(rec["Label"]) else 1)
-                jobs.append((i, _resolve_path(rec["Mask"], table.parent), _resolve_path(rec["Image"], table.parent), lab))
-        for i, m, img, lab in jobs:
+                own = {c: rec[c] for c in df.columns if c not in ("Image", "Mask", "Label")}  # ids carried
+                jobs.append((i, resolve_path(rec["Mask"], table.parent), resolve_path(rec["Image"], table.parent), lab,
+                             own))
+        for i, m, img, lab, own in jobs:
             try:
-                frames.append(seeds_from_mask(m, image=img, label=None if all_labels else lab,
-                                              components=components))
+                found = seeds_from_mask(m, image=img, label=None if all_labels else lab, components=components)
+                for k, (col, value) in enumerate(c for c in own.items() if c[0] not in found.columns):
+                    found.insert(k, col, value)
+                frames.append(found)
             except FmcibError as exc:
                 failed.append(f"row {i}: '{m}': {exc}")
         result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -232,16 +287,12 @@ def weights_download(ctx: click.Context, model: str, revision: str | None) -> No
     click.echo(str(path))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 # ----------------------------------------------------------------------------------------------- downstream
 _TABLE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def _read(path: Path) -> Any:
-    from .io import read_table
+    from .files import read_table
 
     return read_table(path)
 
@@ -272,9 +323,11 @@ def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | No
     Example:
       fmcib probe fit --features f.parquet --label malignant --tune-col is_tune --out probe.json
     """
-    from .probes import LogisticProbe, feature_matrix
+    from .files import check_outputs, read_table_metadata
+    from .probes import LogisticProbe, encoder_of, feature_matrix
 
     try:
+        check_outputs({"--features": features}, {"--out": out})
         table = _read(features)
         for col in [label] + ([tune_col] if tune_col else []):
             if col not in table.columns:
@@ -287,8 +340,9 @@ def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | No
             model.fit(X[~tune], y[~tune], X_tune=X[tune], y_tune=y[tune])
         else:
             model.fit(X, y)
+        model.encoder_ = encoder_of(read_table_metadata(features))
         model.save(out)
-    except ValueError as exc:
+    except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
     click.echo(f"probe: C={model.best_params_['C']:.3g} ({model.best_params_['penalty']}), tuning "
@@ -303,28 +357,27 @@ def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | No
 @click.pass_context
 def probe_predict(ctx: click.Context, model_path: Path, features: Path, out: Path) -> None:
     """Write every row's class probabilities (prob_<class>) and prediction, with the non-feature columns."""
-    import numpy as np
-
-    from .io import write_table
-    from .probes import complete_rows, feature_matrix, load_probe
+    from .files import check_outputs, check_table_output, read_table_metadata, write_table
+    from .probes import encoder_of, load_probe, prediction_table
 
     try:
+        check_table_output(out)
+        check_outputs({"--features": features, "--model": model_path}, {"--out": out})
         model = load_probe(model_path)
         table = _read(features)
-        X = feature_matrix(table)
-        ok = complete_rows(X)
-        keep = table[[c for c in table.columns if c not in X.columns]].copy()
-        proba = np.full((len(table), len(model.classes_)), np.nan)
-        proba[ok] = model.predict_proba(X[ok])
-        for k, cls in enumerate(model.classes_):
-            keep[f"prob_{cls}"] = proba[:, k]
-        keep["prediction"] = np.where(ok, model.classes_[np.argmax(np.nan_to_num(proba, nan=-1), axis=1)], None)
+        made_by, trained_on = encoder_of(read_table_metadata(features)), getattr(model, "encoder_", None)
+        if made_by and trained_on and made_by != trained_on:
+            click.echo(f"warning: the probe was trained on features of {trained_on['model']} (weights "
+                       f"{str(trained_on['weights_sha256'])[:12]}...), these come from {made_by['model']} (weights "
+                       f"{str(made_by['weights_sha256'])[:12]}...): its predictions are not meaningful", err=True)
+        keep = prediction_table(model, table)
         write_table(keep, out)
-    except ValueError as exc:
+    except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
-    if (~ok).any():
-        click.echo(f"{int((~ok).sum())} row(s) with missing features got no prediction", err=True)
+    missing = int(keep["prediction"].isna().sum())
+    if missing:
+        click.echo(f"{missing} row(s) with missing or non-finite features got no prediction", err=True)
     click.echo(f"wrote {len(keep)} rows to {out}", err=True)
 
 
@@ -347,12 +400,17 @@ def survival(ctx: click.Context, predictions: Path, time_col: str, event_col: st
     """
     from .survival import survival_report
 
+    from .files import check_outputs
+
     try:
+        check_outputs({"--predictions": predictions}, {"--out-dir": out_dir})
         report = survival_report(_read(predictions), time_col, event_col, score_col, tune_col=tune_col,
                                  horizon=horizon, out_dir=out_dir)
-    except ValueError as exc:
+    except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
+    if not tune_col:
+        click.echo(f"note: risk-group threshold chosen on {report.threshold_source}", err=True)
     hr = report.cox_groups
     click.echo(f"log-rank p={report.logrank['p_value']:.3g}; HR high vs low {hr.get('hr', float('nan')):.2f} "
                f"({hr.get('hr_low', float('nan')):.2f}-{hr.get('hr_high', float('nan')):.2f}); "
@@ -394,11 +452,21 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
     """
     from .exceptions import FmcibError
     from .extract import extract_features
-    from .io import write_table
+    from .files import write_table
     from .probes import load_probe
     from .stability import perturb_seeds, perturbation_stability, prediction_spread
 
+    from .files import check_outputs, check_table_output
+
+    spread_out = spread_out or (out.with_name(f"{out.stem}.prediction_spread.csv") if probe_path else None)
+    errors_out = out.with_name(f"{out.stem}.errors.csv")
     try:
+        for path in (out, features_out, spread_out):
+            if path is not None:
+                check_table_output(path)
+        check_outputs({"--csv": table, "--probe": probe_path},
+                      {"--out": out, "--features-out": features_out, "--spread-out": spread_out,
+                       "errors file": errors_out})
         extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
         seeds = _read(table)
         if coords == "voxel":
@@ -406,15 +474,21 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
         perturbed = perturb_seeds(seeds, n=n_perturbations, variance=variance,
                                   spacing_mm=extractor.preprocess_config.spacing_mm, random_state=seed)
         probe_model = load_probe(probe_path) if probe_path else None  # a bad probe file fails before extraction
-        feats = extract_features(perturbed, model=extractor, coords=coords, base_dir=table.parent)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # failed rows go to the errors file below
+            feats, failed = extract_features(perturbed, model=extractor, coords=coords, base_dir=table.parent,
+                                             return_errors=True)
         result = perturbation_stability(feats)
         write_table(result, out)
         if features_out:
             write_table(feats, features_out)
         if probe_model is not None:
             spread = prediction_spread(probe_model, feats)
-            spread_out = spread_out or out.with_name(f"{out.stem}.prediction_spread.csv")
             write_table(spread, spread_out)
+        if len(failed):
+            write_table(failed, errors_out)
+        elif errors_out.exists():
+            errors_out.unlink()
     except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
@@ -422,6 +496,9 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
     if probe_model is not None:
         click.echo(f"prediction spread over {len(spread)} lesion(s): median std {spread['std'].median():.3g}; "
                    f"wrote {spread_out}", err=True)
+    if len(failed):
+        click.echo(f"{len(failed)} perturbed seed(s) failed; reasons in {errors_out}", err=True)
+        ctx.exit(EXIT_ROWS_FAILED)
 
 
 @stability.command("select")
@@ -429,7 +506,8 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
 @click.option("--stability", "stability_path", required=True, type=_TABLE,
               help="Per-feature table from `fmcib stability perturb` or `fmcib stability icc`.")
 @click.option("--min", "threshold", default=0.75, show_default=True, type=float, help="Keep features at or above this.")
-@click.option("--column", default="icc", show_default=True, help="Stability column compared with --min.")
+@click.option("--column", default="icc", show_default=True,
+              help="Stability column compared with --min (icc: perturbation ICC, or ICC(1,1) of `stability icc`).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_context
 def stability_select(ctx: click.Context, features: Path, stability_path: Path, threshold: float, column: str,
@@ -440,17 +518,21 @@ def stability_select(ctx: click.Context, features: Path, stability_path: Path, t
     Example:
       fmcib stability select --features f.parquet --stability stab.csv --min 0.75 --out f_stable.parquet
     """
-    from .io import read_table_metadata, write_table
+    from .files import read_table_metadata, write_table
     from .probes import feature_matrix
     from .stability import stable_features
 
+    from .files import check_outputs, check_table_output
+
     try:
+        check_table_output(out)
+        check_outputs({"--features": features, "--stability": stability_path}, {"--out": out})
         table = _read(features)
         keep = set(stable_features(_read(stability_path), threshold=threshold, column=column))
         feature_cols = list(feature_matrix(table).columns)
         dropped = [c for c in feature_cols if c not in keep]
         write_table(table.drop(columns=dropped), out, metadata=read_table_metadata(features))
-    except ValueError as exc:
+    except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
     click.echo(f"kept {len(feature_cols) - len(dropped)} of {len(feature_cols)} features ({column} >= {threshold}); "
@@ -465,13 +547,17 @@ def stability_select(ctx: click.Context, features: Path, stability_path: Path, t
 @click.pass_context
 def stability_icc(ctx: click.Context, test_path: Path, retest_path: Path, key: str, out: Path) -> None:
     """Per-feature test-retest ICC(1,1)/(2,1)/(3,1) with 95% CIs, Spearman and R^2."""
-    from .io import write_table
+    from .files import write_table
     from .stability import retest_agreement
 
+    from .files import check_outputs, check_table_output
+
     try:
+        check_table_output(out)
+        check_outputs({"--test": test_path, "--retest": retest_path}, {"--out": out})
         result = retest_agreement(_read(test_path), _read(retest_path), key)
         write_table(result, out)
-    except ValueError as exc:
+    except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
     click.echo(f"{len(result)} features over {int(result.n_pairs.iloc[0])} pairs; median ICC(1,1) "
@@ -489,7 +575,10 @@ def qc(ctx: click.Context, table: Path, out: Path, coords: str, rows_per_page: i
     from .exceptions import FmcibError
     from .plots import qc_montage
 
+    from .files import check_outputs
+
     try:
+        check_outputs({"--csv": table}, {"--out": out})
         pages = qc_montage(table, out, coords=coords, rows_per_page=rows_per_page)
     except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
@@ -508,17 +597,21 @@ def qc(ctx: click.Context, table: Path, out: Path, coords: str, rows_per_page: i
 def tsne(ctx: click.Context, features: Path, label: str, out: Path, perplexity: float, no_contours: bool,
          seed: int) -> None:
     """t-SNE map of the features coloured by a label column, with per-class density contours."""
-    from .plots import plot_tsne, save_figure
+    from .plots import new_figure, plot_tsne, save_figure
+
+    from .files import check_outputs
 
     try:
+        check_outputs({"--features": features}, {"--out": out})
         table = _read(features)
         if label not in table.columns:
             raise ValueError(f"'{features}': no column {label!r} (columns: {list(table.columns)[:20]})")
-        ax = plot_tsne(table, table[label].to_numpy(), perplexity=perplexity, contours=not no_contours,
+        ax = plot_tsne(table, table[label].to_numpy(), ax=new_figure(figsize=(5.5, 5)).subplots(), perplexity=perplexity,
+                       contours=not no_contours,
                        random_state=seed)
         ax.set_title(f"{features.name}: {label}", fontsize=9)
         save_figure(ax.figure, out, dpi=120, bbox_inches="tight")
-    except ValueError as exc:
+    except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
     click.echo(f"wrote {out}", err=True)
@@ -557,14 +650,17 @@ def saliency(ctx: click.Context, table: Path, probe_path: Path | None, head_path
     fail are listed there with their reason and the exit status is 3.
     """
     from .exceptions import FmcibError
-    from .io import write_table
+    from .files import write_table
     from .models import load_head
     from .probes import load_probe
     from .saliency import saliency_maps
 
+    from .files import check_outputs
+
     if (probe_path is None) == (head_path is None):
         raise click.UsageError("give exactly one of --probe and --head")
     try:
+        check_outputs({"--csv": table, "--probe": probe_path, "--head": head_path}, {"--out-dir": out_dir})
         explained: Any
         target: Any = target_class
         if probe_path is not None:
@@ -589,3 +685,7 @@ def saliency(ctx: click.Context, table: Path, probe_path: Path | None, head_path
     if failed:
         click.echo(f"{failed} row(s) failed; reasons in {out_dir / 'saliency.csv'}", err=True)
         ctx.exit(EXIT_ROWS_FAILED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

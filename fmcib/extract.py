@@ -19,9 +19,22 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .exceptions import FmcibError, TableError
-from .io import ImageGeometry, open_scan, read_image, read_table
+from .io import ImageGeometry, open_scan, read_image
 from .preprocessing import PreprocessConfig, extract_patch, patch_origin, patch_region
-from .seeds import _resolve_path, _validate_coords, check_inside, mask_centroid, to_lps
+from .seeds import _validate_coords, check_inside, mask_centroid, to_lps
+from .tables import (
+    ERROR_COLUMN,
+    MASK_COLUMNS,
+    PADDING_COLUMN,
+    ROW_COLUMN,
+    SEED_COLUMNS,
+    SERIES_COLUMN,
+    WARNING_COLUMN,
+    feature_columns,
+    load_seed_table,
+    resolve_path,
+    table_kind,
+)
 
 __all__ = [
     "SEED_COLUMNS",
@@ -37,16 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SEED_COLUMNS = ("image_path", "coordX", "coordY", "coordZ")
-MASK_COLUMNS = ("Image", "Mask")
-SERIES_COLUMN = "SeriesInstanceUID"
-PADDING_COLUMN = "fmcib_padding_fraction"
 Precision = Literal["fp32", "bf16", "fp16"]
-
-
-def feature_columns(n: int) -> list[str]:
-    """The original's feature column names: ``pred_0 ... pred_{n-1}``."""
-    return [f"pred_{i}" for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -78,30 +82,13 @@ class RowError:
 
 @dataclass
 class BatchResult:
-    """Features of one encoder batch: table row numbers, ``(n, D)`` float32 features, padding fractions."""
+    """Features of one encoder batch: table row numbers, ``(n, D)`` float32 features, padding fractions and
+    per-row warnings (``""`` when none)."""
 
     rows: np.ndarray
     features: np.ndarray
     padding: np.ndarray
-
-
-def _table_kind(df: pd.DataFrame, name: str) -> str:
-    if all(c in df.columns for c in SEED_COLUMNS):
-        return "seeds"
-    if all(c in df.columns for c in MASK_COLUMNS):
-        return "masks"
-    missing = [c for c in SEED_COLUMNS if c not in df.columns]
-    raise TableError(
-        f"{name}: missing column(s) {missing}; a seeds table needs {list(SEED_COLUMNS)} "
-        f"(or pyradiomics-style {list(MASK_COLUMNS)} [+ Label]). Columns found: {list(df.columns)}"
-    )
-
-
-def load_seed_table(table: pd.DataFrame | str | os.PathLike) -> tuple[pd.DataFrame, Path | None, str]:
-    """The table (index reset), the folder its relative image paths resolve against, and its name for messages."""
-    if isinstance(table, pd.DataFrame):
-        return table.reset_index(drop=True), None, "table"
-    return read_table(table), Path(table).parent, f"'{table}'"
+    warnings: np.ndarray
 
 
 def plan_scans(df: pd.DataFrame, base_dir: str | os.PathLike | None = None,
@@ -113,7 +100,7 @@ def plan_scans(df: pd.DataFrame, base_dir: str | os.PathLike | None = None,
     TableError
         Required columns missing (checked before any image is read).
     """
-    kind = _table_kind(df, name)
+    kind = table_kind(df, name)
     base = Path(base_dir) if base_dir is not None else None
     image_col = "image_path" if kind == "seeds" else "Image"
     groups: dict[tuple[str, str | None], list[SeedRow]] = {}
@@ -121,14 +108,14 @@ def plan_scans(df: pd.DataFrame, base_dir: str | os.PathLike | None = None,
     for i in selected:
         rec = df.iloc[i]
         raw_path = rec[image_col]
-        image = "" if pd.isna(raw_path) else str(_resolve_path(raw_path, base))
+        image = "" if pd.isna(raw_path) else str(resolve_path(raw_path, base))
         uid = rec.get(SERIES_COLUMN) if SERIES_COLUMN in df.columns else None
         uid = None if uid is None or pd.isna(uid) else str(uid)
         if kind == "seeds":
             seed = SeedRow(row=int(i), point=(rec["coordX"], rec["coordY"], rec["coordZ"]))
         else:
             label = rec["Label"] if "Label" in df.columns and not pd.isna(rec["Label"]) else 1
-            mask = "" if pd.isna(rec["Mask"]) else str(_resolve_path(rec["Mask"], base))
+            mask = "" if pd.isna(rec["Mask"]) else str(resolve_path(rec["Mask"], base))
             seed = SeedRow(row=int(i), mask=mask, label=label)
         groups.setdefault((image, uid), []).append(seed)
     return [ScanTask(image=img, series_uid=uid, seeds=tuple(s)) for (img, uid), s in groups.items()]
@@ -168,7 +155,8 @@ class ScanDataset:
         except FmcibError as exc:
             errors = [RowError(s.row, f"row {s.row}: {exc}") for s in task.seeds]
             return {"rows": np.zeros(0, np.int64), "patches": np.zeros((0, 1, n, n, n), np.float32),
-                    "padding": np.zeros(0), "origins": np.zeros((0, 3)), "errors": errors}
+                    "padding": np.zeros(0), "origins": np.zeros((0, 3)), "warnings": np.zeros(0, dtype=object),
+                    "errors": errors}
         errors: list[RowError] = []
         seeds: list[tuple[int, np.ndarray]] = []
         masks: dict[str, sitk.Image] = {}
@@ -184,7 +172,7 @@ class ScanDataset:
         except FmcibError as exc:
             errors += [RowError(row, f"row {row}: {exc}") for row, _ in seeds]
             seeds = []
-        rows, patches, padding, kept_origins = [], [], [], []
+        rows, patches, padding, kept_origins, notes = [], [], [], [], []
         for (row, seed), origin in zip(seeds, origins):
             try:
                 patch, pad = extract_patch(image, seed, self.config, geometry=scan.geometry)
@@ -195,11 +183,15 @@ class ScanDataset:
             patches.append(patch)
             padding.append(pad)
             kept_origins.append(origin)
+            notes.append(intensity_warning(patch, pad, self.config))
+        for row, note in zip(rows, notes):
+            if note:
+                logger.warning("row %d: '%s': %s", row, task.image, note)
         errors.sort(key=lambda e: e.row)
         stacked = np.stack(patches)[:, None] if patches else np.zeros((0, 1, n, n, n), np.float32)
         return {"rows": np.asarray(rows, np.int64), "patches": stacked,
                 "padding": np.asarray(padding, np.float64), "origins": np.asarray(kept_origins).reshape(-1, 3),
-                "errors": errors}
+                "warnings": np.asarray(notes, dtype=object), "errors": errors}
 
     def _seed(self, s: SeedRow, geometry: ImageGeometry, masks: dict[str, sitk.Image]) -> np.ndarray:
         """LPS seed of one row (from its coordinates or its mask), checked to lie inside the scan."""
@@ -224,6 +216,36 @@ class ScanDataset:
         return RowError(row, f"row {row}: {msg}")
 
 
+# A real CT region a patch wide spans far more than this (noise alone is 10-20 HU standard deviation).
+MIN_HU_SPAN = 20.0
+
+
+def intensity_warning(patch: np.ndarray, padding_fraction: float, config: PreprocessConfig) -> str:
+    """A note when a patch's intensities do not look like CT in Hounsfield units, else ``""``.
+
+    The voxels inside the scan must span at least ``MIN_HU_SPAN`` HU: an image normalised to 0..1, a mask,
+    or a constant volume fails that, and its features would be meaningless without any error.
+    """
+    hu = patch.astype(np.float64) * config.hu_scale - config.hu_offset
+    inside = hu if padding_fraction == 0 else hu[~np.isclose(hu, config.pad_hu)]
+    if inside.size == 0:
+        return ""
+    lo, hi = float(inside.min()), float(inside.max())
+    if hi - lo < MIN_HU_SPAN:
+        return (f"intensities around the seed span only {lo:.4g}..{hi:.4g}: this does not look like CT in "
+                "Hounsfield units (a normalised or non-CT image?)")
+    return ""
+
+
+def encoder_is_channels_last(encoder: Any) -> bool:
+    """True when the encoder's first 5-D weight is stored channels-last (feed it channels-last input too)."""
+    import torch
+
+    weight = next((p for p in encoder.parameters() if p.dim() == 5), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last_3d) \
+        and not weight.is_contiguous()
+
+
 def _identity(item: Any) -> Any:
     return item
 
@@ -232,7 +254,23 @@ def _identity(item: Any) -> Any:
 CPU_WORKER_NICENESS = 10
 
 
-def _worker_init(_: int, niceness: int = 0) -> None:
+def _exit_with_parent() -> None:
+    """Linux: have the kernel kill this process when its parent dies (a SIGKILLed run leaves no workers)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: torch's own watchdog still applies
+            pass
+
+
+def _worker_init(_: int, niceness: int = 0, parent: int | None = None) -> None:
+    _exit_with_parent()
+    if parent is not None and os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
     # One ITK thread per worker: the encoder already uses the cores of the main process.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     if niceness and hasattr(os, "nice"):
@@ -317,11 +355,19 @@ class FeatureExtractor:
         if self._encoder is None:
             from .models import build_model, resolve_device
 
+            if self.precision != "fp32" and self.device_type == "cpu":
+                logger.warning("precision=%r on the CPU: autocast runs 3D convolutions far slower than fp32 on CPUs "
+                               "without native bf16/fp16 (about 90x on an AVX2 machine, docs/benchmarks.md); use "
+                               "fp32 there", self.precision)
             resolved = self._weights()
             if resolved is None:
                 self._encoder = self.model.eval().to(resolve_device(self.device))
             else:
                 self._encoder = build_model(resolved, device=self.device)
+                if self.device_type == "cpu":  # oneDNN's 3D convolutions: ~10% faster channels-last, same features
+                    import torch  # to float precision (bench/forward.py, docs/benchmarks.md)
+
+                    self._encoder = self._encoder.to(memory_format=torch.channels_last_3d)
         return self._encoder
 
     def _config(self) -> Any:
@@ -376,6 +422,8 @@ class FeatureExtractor:
         return {
             "fmcib_version": __version__,
             "model": cfg.name if cfg is not None else type(self.model).__name__,
+            "architecture": cfg.architecture if cfg is not None else None,
+            "model_args": dict(cfg.model_args) if cfg is not None else None,
             "weights": dict(weights or {}),
             "num_features": self.num_features,
             "preprocess": self.preprocess_config.to_dict(),
@@ -395,6 +443,8 @@ class FeatureExtractor:
             x = x.pin_memory().to(device, non_blocking=True)
         else:
             x = x.to(device)
+        if device.type == "cpu" and encoder_is_channels_last(encoder):
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         autocast: Any = contextlib.nullcontext()
         if self.precision != "fp32":
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -417,7 +467,7 @@ class FeatureExtractor:
         niceness = CPU_WORKER_NICENESS if device_type == "cpu" else 0
         loader = DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-            worker_init_fn=functools.partial(_worker_init, niceness=niceness) if workers else None,
+            worker_init_fn=functools.partial(_worker_init, niceness=niceness, parent=os.getpid()) if workers else None,
             multiprocessing_context=self.start_method if workers else None,
             prefetch_factor=2 if workers else None,
         )
@@ -426,6 +476,7 @@ class FeatureExtractor:
         pending: list[dict[str, Any]] = []
         held = 0
         bs = int(self.batch_size)
+        items = None
         try:
             items = iter(loader)  # the workers start reading scans now, while the encoder loads
             self.encoder  # noqa: B018  (load it)
@@ -446,49 +497,59 @@ class FeatureExtractor:
                 yield result
         finally:
             bar.close()
+            shutdown = getattr(items, "_shutdown_workers", None)  # join the workers now, even on Ctrl-C/SIGTERM
+            if shutdown is not None:
+                shutdown()
 
     def _run_batch(self, pending: list[dict[str, Any]], n: int) -> tuple[BatchResult, list[dict[str, Any]], int]:
-        rows, patches, padding, pending, held = _take(pending, n)
-        return BatchResult(rows, self._forward(patches), padding), pending, held
+        taken, pending, held = _take(pending, n)
+        return BatchResult(taken["rows"], self._forward(taken["patches"]), taken["padding"], taken["warnings"]), \
+            pending, held
 
 
-def _take(pending: list[dict[str, Any]], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], int]:
-    """Pop the first ``n`` patches across pending scan items: (rows, patches, padding, rest, patches left)."""
-    rows, patches, padding = [], [], []
+_BATCHED = ("rows", "patches", "padding", "warnings")
+
+
+def _take(pending: list[dict[str, Any]], n: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], int]:
+    """Pop the first ``n`` patches across pending scan items: (their rows, patches, padding, warnings; the rest;
+    patches left)."""
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in _BATCHED}
     need = n
     while need:
         item = pending[0]
         k = min(need, len(item["rows"]))
-        rows.append(item["rows"][:k])
-        patches.append(item["patches"][:k])
-        padding.append(item["padding"][:k])
+        for key in _BATCHED:
+            parts[key].append(item[key][:k])
         if k == len(item["rows"]):
             pending.pop(0)
         else:
             pending[0] = {key: (val[k:] if key != "errors" else []) for key, val in item.items()}
         need -= k
     held = sum(len(p["rows"]) for p in pending)
-    return np.concatenate(rows), np.concatenate(patches), np.concatenate(padding), pending, held
+    return {key: np.concatenate(val) for key, val in parts.items()}, pending, held
 
 
-def assemble(df: pd.DataFrame, rows: np.ndarray, features: np.ndarray, padding: np.ndarray) -> pd.DataFrame:
-    """Input rows (original index, table order) + ``pred_*`` + ``fmcib_padding_fraction``."""
+def assemble(df: pd.DataFrame, rows: np.ndarray, features: np.ndarray, padding: np.ndarray,
+             warnings_: np.ndarray | None = None) -> pd.DataFrame:
+    """Input rows (original index, table order) + ``pred_*`` + ``fmcib_padding_fraction`` + ``fmcib_warning``."""
     order = np.argsort(rows, kind="stable")
     rows, features, padding = rows[order], features[order], padding[order]
+    notes = np.full(len(rows), "", dtype=object) if warnings_ is None else np.asarray(warnings_, dtype=object)[order]
     base = df.iloc[rows]
     feats = pd.DataFrame(features, index=base.index, columns=feature_columns(features.shape[1]))
     pad = pd.Series(padding, index=base.index, name=PADDING_COLUMN)
-    return pd.concat([base, feats, pad], axis=1)
+    note = pd.Series(notes, index=base.index, name=WARNING_COLUMN, dtype=object)
+    return pd.concat([base, feats, pad, note], axis=1)
 
 
 def errors_frame(df: pd.DataFrame, errors: Sequence[RowError]) -> pd.DataFrame:
-    """Failed rows: ``row``, the input columns, and ``fmcib_error`` (the reason)."""
+    """Failed rows: ``fmcib_row`` (position in the input table), the input columns, and ``fmcib_error``."""
     if not errors:
-        return pd.DataFrame(columns=["row", *df.columns, "fmcib_error"])
+        return pd.DataFrame(columns=[ROW_COLUMN, *df.columns, ERROR_COLUMN])
     errs = sorted(errors, key=lambda e: e.row)
     out = df.iloc[[e.row for e in errs]].copy()
-    out.insert(0, "row", [e.row for e in errs])
-    out["fmcib_error"] = [e.message for e in errs]
+    out.insert(0, ROW_COLUMN, [e.row for e in errs])
+    out[ERROR_COLUMN] = [e.message for e in errs]
     return out.reset_index(drop=True)
 
 
@@ -508,7 +569,8 @@ def extract_features(
     base_dir: str | os.PathLike | None = None,
     patch_size: int | None = None,
     spacing_mm: float | None = None,
-) -> pd.DataFrame:
+    return_errors: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Extract encoder features for every seed in a table.
 
     Parameters
@@ -517,7 +579,8 @@ def extract_features(
         CSV/Parquet or DataFrame with ``image_path, coordX, coordY, coordZ`` (other columns are carried
         through), or pyradiomics-style ``Image, Mask[, Label]`` (seed = the label's centre of mass).
         An optional ``SeriesInstanceUID`` column picks a series in a DICOM folder. Relative paths are
-        taken from the working directory, else from the table's folder.
+        taken from the table's folder, else from the working directory. Columns that fmcib writes itself
+        (``pred_*``, ``fmcib_*``) are refused.
     model, weights, device, batch_size, num_workers, precision, start_method, patch_size, spacing_mm
         See :class:`FeatureExtractor`. ``model`` may also be a ready :class:`FeatureExtractor`, which is
         then used as it is (the others are ignored).
@@ -526,18 +589,23 @@ def extract_features(
     progress : bool, default=True
         Progress bar on a terminal.
     on_error : {"warn", "raise"}, default="warn"
-        ``"warn"``: failed rows are left out of the result, listed in a warning and in
-        ``result.attrs["fmcib_errors"]``; ``"raise"``: raise :class:`FmcibError` listing them.
+        ``"warn"``: failed rows are left out of the result and listed in a warning (and returned with
+        ``return_errors=True``); ``"raise"``: raise :class:`FmcibError` listing them.
     base_dir : path, optional
-        Second place to look for relative image paths (after the working directory); default: a path
-        table's own folder.
+        Where relative image paths are looked for first; default: a path table's own folder.
+    return_errors : bool, default=False
+        Also return the failed rows: ``fmcib_row`` (position in the table), the input columns and
+        ``fmcib_error`` (the reason).
 
     Returns
     -------
-    pandas.DataFrame
-        The input rows that succeeded (original index), then ``pred_0 ... pred_{D-1}`` and
-        ``fmcib_padding_fraction``. ``attrs["fmcib"]`` holds the provenance (version, model, weights
-        sha256, preprocessing).
+    features : pandas.DataFrame
+        The input rows that succeeded (original index), then ``pred_0 ... pred_{D-1}``,
+        ``fmcib_padding_fraction`` and ``fmcib_warning`` (empty unless the image does not look like CT in
+        HU). ``attrs["fmcib"]`` holds the provenance (version, model, weights sha256, preprocessing) as plain
+        JSON-able data, so results can be concatenated and merged.
+    errors : pandas.DataFrame
+        Only with ``return_errors=True``.
     """
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
@@ -559,15 +627,16 @@ def extract_features(
     rows = np.concatenate([b.rows for b in batches]) if batches else np.zeros(0, np.int64)
     feats = np.concatenate([b.features for b in batches]) if batches else np.zeros((0, d), np.float32)
     pads = np.concatenate([b.padding for b in batches]) if batches else np.zeros(0)
-    out = assemble(df, rows, feats, pads)
+    notes = np.concatenate([b.warnings for b in batches]) if batches else np.zeros(0, dtype=object)
+    out = assemble(df, rows, feats, pads, notes)
     out.attrs["fmcib"] = extractor.provenance(coords)
-    out.attrs["fmcib_errors"] = errors_frame(df, errors)
     if errors:
         shown = "\n".join(e.message for e in sorted(errors, key=lambda e: e.row)[:20])
         more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        warnings.warn(f"{len(errors)} of {len(df)} row(s) failed and are not in the result "
-                      f"(see result.attrs['fmcib_errors']):\n{shown}{more}", stacklevel=2)
-    return out
+        hint = "" if return_errors else " (return_errors=True returns them as a table)"
+        warnings.warn(f"{len(errors)} of {len(df)} row(s) failed and are not in the result{hint}:\n{shown}{more}",
+                      stacklevel=2)
+    return (out, errors_frame(df, errors)) if return_errors else out
 
 
 def get_features(
@@ -590,4 +659,4 @@ def get_features(
     if tuple(spatial_size) != (50, 50, 50):
         raise ValueError(f"spatial_size must be (50, 50, 50) for the fmcib encoder, got {spatial_size}")
     out = extract_features(csv_path, weights=weights_path, batch_size=batch_size, num_workers=num_workers)
-    return out.drop(columns=[PADDING_COLUMN])
+    return out.drop(columns=[PADDING_COLUMN, WARNING_COLUMN])

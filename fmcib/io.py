@@ -1,21 +1,17 @@
-"""Reading CT volumes (SimpleITK, DICOM series) and tables; atomic writing of outputs."""
+"""Reading CT volumes (SimpleITK, DICOM series) and writing images. Table helpers live in :mod:`fmcib.files`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import numpy as np
-import pandas as pd
 import SimpleITK as sitk
 
-from .exceptions import ImageReadError, TableError
+from .exceptions import ImageReadError
+from .files import atomic_path, read_table, read_table_metadata, write_table
 
 __all__ = [
     "read_image",
@@ -28,6 +24,8 @@ __all__ = [
     "read_table_metadata",
     "atomic_path",
     "describe_image",
+    "check_geometry",
+    "check_slice_positions",
 ]
 
 PathLike = str | os.PathLike
@@ -59,8 +57,14 @@ def _read_dicom_files(files: Sequence[str]) -> sitk.Image:
 
 
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
-    """Read one DICOM series from ``folder``: the only one there, or the one named by ``series_uid``."""
-    return _read_dicom_files(_dicom_series_files(folder, series_uid))
+    """Read one DICOM series from ``folder``: the only one there, or the one named by ``series_uid``; its slice
+    positions checked (:func:`check_slice_positions`)."""
+    files = _dicom_series_files(folder, series_uid)
+    if len(files) > 1:
+        first = _slice_header(files[0])
+        normal = np.asarray(first.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+        check_slice_positions(str(folder), [_slice_position(f, normal) for f in files])
+    return _read_dicom_files(files)
 
 
 def _slice_header(path: str) -> sitk.ImageFileReader:
@@ -68,6 +72,43 @@ def _slice_header(path: str) -> sitk.ImageFileReader:
     reader.SetFileName(path)
     reader.ReadImageInformation()
     return reader
+
+
+# Slice positions along the normal may differ from an even step by this share of the step (scanner rounding).
+SLICE_STEP_TOLERANCE = 0.01
+
+
+def check_slice_positions(name: str, positions: Sequence[float]) -> None:
+    """Slice positions (mm along the slice normal, in series order) must be distinct and evenly spaced.
+
+    Raises
+    ------
+    ImageReadError
+        ``"two slices at z=..."`` for a repeated position, ``"missing slice(s) between z=... and z=..."`` for a
+        gap, or an uneven step: a series read regardless would be stretched or folded without any error.
+    """
+    z = np.sort(np.asarray(positions, dtype=np.float64))
+    if len(z) < 2:
+        return
+    steps = np.diff(z)
+    dup = np.flatnonzero(steps < 1e-3)
+    if len(dup):
+        raise ImageReadError(f"'{name}': two slices at z={z[dup[0]]:.3f} mm (a duplicated file?); "
+                             f"{len(dup)} repeated position(s) in all")
+    step = float(np.median(steps))
+    off = np.flatnonzero(np.abs(steps - step) > SLICE_STEP_TOLERANCE * step)
+    if len(off):
+        i = off[0]
+        gap = steps[i] / step
+        what = (f"missing slice(s) between z={z[i]:.3f} and z={z[i + 1]:.3f} mm"
+                if abs(gap - round(gap)) <= SLICE_STEP_TOLERANCE * round(gap) and round(gap) >= 2
+                else f"uneven slice spacing: {steps[i]:.3f} mm between z={z[i]:.3f} and z={z[i + 1]:.3f} mm")
+        raise ImageReadError(f"'{name}': {what}, where the series steps {step:.3f} mm; the volume would be "
+                             "misplaced (check the series is complete)")
+
+
+def _slice_position(path: str, normal: np.ndarray) -> float:
+    return float(np.dot(np.asarray(_slice_header(path).GetOrigin(), dtype=np.float64), normal))
 
 
 def _dicom_geometry(name: str, files: Sequence[str]) -> ImageGeometry | None:
@@ -83,12 +124,15 @@ def _dicom_geometry(name: str, files: Sequence[str]) -> ImageGeometry | None:
     spacing = list(first.GetSpacing())
     direction = np.asarray(first.GetDirection(), dtype=np.float64).reshape(3, 3)
     if len(files) > 1:
+        check_slice_positions(name, [_slice_position(f, direction[:, 2]) for f in files])
         step = (np.asarray(_slice_header(files[-1]).GetOrigin()) - np.asarray(first.GetOrigin())) / (len(files) - 1)
         length = float(np.linalg.norm(step))
         if length == 0 or not np.allclose(step / length, direction[:, 2], atol=1e-4):
             return None
         spacing[2] = length
-    return ImageGeometry((nx, ny, len(files)), tuple(first.GetOrigin()), tuple(spacing), tuple(direction.ravel()))
+    geometry = ImageGeometry((nx, ny, len(files)), tuple(first.GetOrigin()), tuple(spacing), tuple(direction.ravel()))
+    check_geometry(name, geometry)
+    return geometry
 
 
 Region = tuple[Sequence[int], Sequence[int]]  # (index, size) in voxels, SimpleITK (i, j, k) order
@@ -139,6 +183,52 @@ class ImageGeometry:
         return tuple(float(v) for v in point)
 
 
+def check_geometry(name: str, image: sitk.Image | sitk.ImageFileReader | ImageGeometry) -> None:
+    """Spacing finite and positive, direction orthonormal (a rotation or reflection): else no seed can be placed.
+
+    Raises
+    ------
+    ImageReadError
+        ``"degenerate geometry: ..."`` naming the bad spacing or direction.
+    """
+    stored = nifti_pixdim(name)
+    if stored is not None and not all(np.isfinite(v) and v > 0 for v in stored):
+        raise ImageReadError(f"'{name}': degenerate geometry: the NIfTI header stores voxel sizes "
+                             f"{[float(v) for v in stored]} mm (ITK would read them as 1 mm)")
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+        raise ImageReadError(f"'{name}': degenerate geometry: voxel spacing {spacing.tolist()} mm (must be finite "
+                             "and positive)")
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not np.all(np.isfinite(direction)) or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise ImageReadError(f"'{name}': degenerate geometry: direction matrix {np.round(direction, 4).tolist()} is "
+                             "not orthonormal (singular or skewed)")
+
+
+def nifti_pixdim(path: str | os.PathLike) -> tuple[float, float, float] | None:
+    """Voxel sizes as stored in a NIfTI-1/2 header (``pixdim[1..3]``), or None for other files.
+
+    ITK replaces a zero, negative or NaN pixdim by 1.0 mm without a word; the raw header tells the truth.
+    """
+    import gzip
+    import struct
+
+    name = str(path).lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+            head = f.read(540)
+    except OSError:
+        return None
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            return struct.unpack(order + "3f", head[80:92])
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            return struct.unpack(order + "3d", head[112:136])
+    return None
+
+
 def _check_scalar_3d(name: str, dimension: int, components: int, size: Sequence[int]) -> None:
     if dimension != 3:
         raise ImageReadError(f"'{name}': expected a 3D volume, got a {dimension}D image of size {tuple(size)}")
@@ -178,7 +268,7 @@ class Scan:
             return
         self.name = str(Path(path))
         if not Path(path).exists():
-            raise ImageReadError(f"'{self.name}': file not found")
+            raise ImageReadError(f"'{self.name}': file not found (looked for {Path(path).resolve()})")
         if Path(path).is_dir():
             with _reader_errors(self.name):
                 files = _dicom_series_files(Path(path), series_uid)
@@ -193,9 +283,11 @@ class Scan:
         with _reader_errors(self.name):
             reader.ReadImageInformation()
         _check_scalar_3d(self.name, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize())
+        check_geometry(self.name, reader)
         self.geometry = ImageGeometry.of(reader)
 
     def _hold(self, image: sitk.Image, name: str) -> None:
+        check_geometry(name, image)
         self._image, self.name, self.geometry = image, name, ImageGeometry.of(image)
 
     def _reader(self) -> sitk.ImageFileReader:
@@ -270,10 +362,11 @@ def read_image(path: PathLike | sitk.Image, series_uid: str | None = None) -> si
         p = Path(path)
         name = str(p)
         if not p.exists():
-            raise ImageReadError(f"'{name}': file not found")
+            raise ImageReadError(f"'{name}': file not found (looked for {p.resolve()})")
         with _reader_errors(name):
             image = _read_dicom_series(p, series_uid) if p.is_dir() else sitk.ReadImage(str(p))
     _check_scalar_3d(name, image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize())
+    check_geometry(name, image)
     return image
 
 
@@ -291,103 +384,9 @@ def describe_image(image: sitk.Image | ImageGeometry) -> str:
     return f"size {size[0]}x{size[1]}x{size[2]}, spacing {spacing} mm, extent (LPS mm) {extent}"
 
 
-def read_table(path: PathLike) -> pd.DataFrame:
-    """Read a CSV or Parquet table (by extension) into a DataFrame with a fresh RangeIndex.
-
-    Raises
-    ------
-    TableError
-        The file is missing or cannot be parsed.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise TableError(f"'{p}': table file not found")
-    try:
-        if p.suffix.lower() in (".parquet", ".pq"):
-            df = pd.read_parquet(p)
-        else:
-            df = pd.read_csv(p)
-    except ImportError as exc:
-        raise TableError(f"'{p}': reading Parquet needs pyarrow: pip install 'fmcib[parquet]'") from exc
-    except Exception as exc:  # pandas raises many parser error types
-        raise TableError(f"'{p}': cannot parse table ({exc})") from exc
-    return df.reset_index(drop=True)
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike, keep_suffix: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` atomically.
-
-    Readers never see a half-written file: either the old file or the complete new one exists.
-    On error the temporary file is removed and ``path`` is left untouched. ``keep_suffix`` ends the
-    temporary name with the target's suffix (``.nii.gz`` counts as one), for writers that choose the
-    format from the file name.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".tmp"
-    if keep_suffix:
-        suffix += ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def write_image(image: sitk.Image, path: PathLike) -> None:
     """Write a SimpleITK image atomically; the format follows the suffix (``.nii.gz`` is compressed)."""
     with atomic_path(path, keep_suffix=True) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=str(path).endswith(".gz"))
 
 
-def write_table(df: pd.DataFrame, path: PathLike, metadata: Mapping[str, Any] | None = None) -> None:
-    """Write ``df`` atomically as Parquet (``.parquet``/``.pq``) or CSV (anything else).
-
-    ``metadata`` (JSON-serialisable; default: the provenance in ``df.attrs["fmcib"]``, which
-    :func:`fmcib.extract_features` sets) goes into the Parquet schema metadata under the key ``fmcib``;
-    for CSV it is written atomically to the sidecar ``<path>.json``. Other ``df.attrs`` are not written.
-    """
-    target = Path(path)
-    if metadata is None:
-        metadata = df.attrs.get("fmcib")
-    df = pd.DataFrame(df, copy=False)  # without attrs: pandas would try to serialise them into Parquet
-    if target.suffix.lower() in (".parquet", ".pq"):
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise TableError("writing Parquet needs pyarrow: pip install 'fmcib[parquet]' (or write .csv)") from exc
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        if metadata is not None:
-            merged = dict(table.schema.metadata or {})
-            merged[b"fmcib"] = json.dumps(metadata).encode()
-            table = table.replace_schema_metadata(merged)
-        with atomic_path(target) as tmp:
-            pq.write_table(table, tmp)
-    else:
-        with atomic_path(target) as tmp:
-            df.to_csv(tmp, index=False)
-        if metadata is not None:
-            with atomic_path(_sidecar(target)) as tmp:
-                tmp.write_text(json.dumps(metadata, indent=1))
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def read_table_metadata(path: PathLike) -> dict[str, Any] | None:
-    """Return the fmcib metadata written by :func:`write_table` (Parquet metadata or JSON sidecar)."""
-    p = Path(path)
-    if p.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        raw = (pq.read_schema(p).metadata or {}).get(b"fmcib")
-        return json.loads(raw) if raw else None
-    side = _sidecar(p)
-    return json.loads(side.read_text()) if side.is_file() else None

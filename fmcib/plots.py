@@ -1,4 +1,4 @@
-"""Plots (matplotlib, headless): seed QC montages and t-SNE maps of features. KM curves: fmcib.survival.plot_km."""
+"""Plots (matplotlib; the process's backend is never switched): seed QC montages and t-SNE maps of features. KM curves: fmcib.survival.plot_km."""
 
 from __future__ import annotations
 
@@ -10,19 +10,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path
+from .files import atomic_path
 from .preprocessing import PreprocessConfig
 
 __all__ = ["qc_montage", "plot_tsne", "plot_saliency", "save_figure"]
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def new_figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` outside pyplot: drawing it to a file neither needs nor changes the process's
+    backend (a notebook keeps its own), and it is freed with its last reference."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
+    return Figure(**kwargs)
+
+
+def interactive_axes(figsize: tuple[float, float]) -> Any:
+    """Axes of a new pyplot figure, for functions that return axes to draw on (shown in notebooks); pyplot
+    picks its backend as usual and fmcib never switches it."""
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(figsize=figsize)[1]
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110, close: bool = True, **kwargs: Any) -> Path:
@@ -30,8 +37,10 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110, close: bool =
     target = Path(path)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=dpi, format=target.suffix.lstrip(".") or "png", **kwargs)
-    if close:
-        _pyplot().close(fig)
+    if close and getattr(fig.canvas, "manager", None) is not None:  # a pyplot figure: release it from pyplot
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return target
 
 
@@ -82,14 +91,14 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
             panels[int(row)] = {"patch": patch[0] * cfg.hu_scale - cfg.hu_offset, "padding": float(pad)}
         for err in item["errors"]:
             panels[err.row] = {"error": err.message}
-    plt = _pyplot()
     c = int(cfg.patch_size) // 2
     rows = sorted(panels)
     pages = max(1, int(np.ceil(len(rows) / rows_per_page)))
     written = []
     for page, path in enumerate(_page_paths(Path(out), pages)):
         chunk = rows[page * rows_per_page:(page + 1) * rows_per_page]
-        fig, axes = plt.subplots(max(1, len(chunk)), 3, figsize=(7.5, 2.5 * max(1, len(chunk))), squeeze=False)
+        fig = new_figure(figsize=(7.5, 2.5 * max(1, len(chunk))))
+        axes = fig.subplots(max(1, len(chunk)), 3, squeeze=False)
         for r, row in enumerate(chunk):
             panel = panels[row]
             label = f"row {row}: {Path(str(df.iloc[row].get('image_path', df.iloc[row].get('Image', '')))).name}"
@@ -140,10 +149,10 @@ def plot_saliency(patch_hu: np.ndarray, saliency: np.ndarray, out: str | os.Path
     Both arrays have axes (z, y, x) as :func:`fmcib.preprocessing.extract_patch` returns them. The
     figure is written atomically; returns its path.
     """
-    plt = _pyplot()
     lo, hi = np.percentile(saliency, [50.0, 99.5])
     hi = hi if hi > lo else lo + 1e-12
-    fig, axes = plt.subplots(1, 3, figsize=(8.5, 3.0), squeeze=False)
+    fig = new_figure(figsize=(8.5, 3.0))
+    axes = fig.subplots(1, 3, squeeze=False)
     _show_views(axes[0], patch_hu, window_hu)
     for ax, (_, sal, _, _, origin) in zip(axes[0], _central_views(saliency)):
         shown = np.ma.masked_less(np.clip((sal - lo) / (hi - lo), 0, 1), 0.05)
@@ -171,9 +180,8 @@ def plot_tsne(features: pd.DataFrame | np.ndarray, labels: Any, ax: Any = None, 
     X = StandardScaler().fit_transform(np.asarray(X, dtype=np.float64))
     perplexity = min(float(perplexity), max(1.0, (len(X) - 1) / 3))
     emb = TSNE(n_components=2, perplexity=perplexity, random_state=random_state, init="pca").fit_transform(X)
-    plt = _pyplot()
     if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 5))
+        ax = interactive_axes((5.5, 5))
     gx, gy = np.meshgrid(np.linspace(*np.percentile(emb[:, 0], [0, 100]), 80),
                          np.linspace(*np.percentile(emb[:, 1], [0, 100]), 80))
     for k, cls in enumerate(pd.unique(y)):

@@ -28,6 +28,8 @@ __all__ = ["PreprocessConfig", "lattice_anchor", "patch_origin", "patch_region",
 
 # A seed closer than this (in lattice units) to a lattice point counts as lying on it.
 TIE_TOLERANCE = 1e-6
+# Largest patch edge accepted from a config (256^3 float32 is 64 MB per patch already).
+MAX_PATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,18 @@ class PreprocessConfig:
     pad_hu: float = -1024.0
 
     def __post_init__(self) -> None:
-        if int(self.patch_size) != self.patch_size or self.patch_size < 1:
-            raise ValueError(f"patch_size must be a positive integer, got {self.patch_size!r}")
-        if not (np.isfinite(self.spacing_mm) and self.spacing_mm > 0):
-            raise ValueError(f"spacing_mm must be a positive number, got {self.spacing_mm!r}")
-        if not self.hu_scale:
-            raise ValueError("hu_scale must be non-zero")
+        for name in ("spacing_mm", "hu_offset", "hu_scale", "pad_hu"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                    or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.patch_size, bool) or int(self.patch_size) != self.patch_size \
+                or not 1 <= self.patch_size <= MAX_PATCH_SIZE:
+            raise ValueError(f"patch_size must be an integer from 1 to {MAX_PATCH_SIZE}, got {self.patch_size!r}")
+        if not self.spacing_mm > 0:
+            raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm!r}")
+        if not self.hu_scale > 0:
+            raise ValueError(f"hu_scale must be positive, got {self.hu_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the ``preprocess`` block of a model's config.json)."""

@@ -28,32 +28,17 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, c
 
 from ._version import __version__
 from .evaluation import score_metric
-from .io import atomic_path
+from .files import atomic_path
+from .tables import FEATURE_PREFIX, feature_matrix
 
-__all__ = ["LogisticProbe", "feature_matrix", "complete_rows", "drop_missing", "limited_data_curve", "load_probe"]
+__all__ = ["LogisticProbe", "feature_matrix", "complete_rows", "drop_missing", "limited_data_curve", "load_probe",
+           "encoder_of", "prediction_table"]
 
 log = logging.getLogger(__name__)
 
-FEATURE_PREFIX = "pred_"
 PROBE_FORMAT = "fmcib.LogisticProbe/1"
 PENALTIES = ("l2", "l1")
 UNDEFINED_SCORE = -1.0  # what a trial scores when its metric is undefined (below any real AUC/accuracy/AP)
-
-
-def feature_matrix(table: pd.DataFrame, prefix: str = FEATURE_PREFIX) -> pd.DataFrame:
-    """The feature columns (``pred_0 ... pred_{D-1}``) of an extracted table, in numeric order.
-
-    Raises
-    ------
-    ValueError
-        The table has no column starting with ``prefix``.
-    """
-    cols = [c for c in table.columns if str(c).startswith(prefix) and str(c)[len(prefix):].isdigit()]
-    if not cols:
-        raise ValueError(f"no feature columns '{prefix}0', '{prefix}1', ... in the table (columns: "
-                         f"{list(table.columns)[:8]}{' ...' if len(table.columns) > 8 else ''})")
-    cols.sort(key=lambda c: int(str(c)[len(prefix):]))
-    return table[cols]
 
 
 def complete_rows(X: Any, y: Any = None) -> np.ndarray:
@@ -132,6 +117,9 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
     classes_, n_features_in_, feature_names_in_ : as in scikit-learn.
     n_dropped_ : int
         Training rows dropped for missing features or labels.
+    encoder_ : dict or None
+        The encoder that made the training features (model name, weights sha256), when known: set from a
+        features table's provenance (:func:`encoder_of`) and saved with the probe.
     """
 
     def __init__(self, n_trials: int = 100, C: float = 1.0, C_range: tuple[float, float] = (1e-6, 1e3),
@@ -284,6 +272,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
                        "n_samples_seen": int(scaler.n_samples_seen_)},
             "coef": logistic.coef_.tolist(),
             "intercept": logistic.intercept_.tolist(),
+            "encoder": getattr(self, "encoder_", None),
         }
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(doc))
@@ -294,12 +283,56 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         return load_probe(path)
 
 
+def _check_probe_doc(doc: Any, path: str | os.PathLike) -> None:
+    """A probe file must be complete, consistent and finite: a NaN coefficient would silently predict one class."""
+    if not isinstance(doc, dict) or doc.get("format") != PROBE_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"'{path}' is not an fmcib probe file (format {found!r}, expected {PROBE_FORMAT!r})")
+    missing = [k for k in ("params", "best_params", "classes", "coef", "intercept", "scaler", "n_dropped",
+                           "best_score", "feature_names") if k not in doc]
+    missing += [f"scaler.{k}" for k in ("mean", "scale", "var", "n_samples_seen") if k not in doc.get("scaler", {})]
+    if missing:
+        raise ValueError(f"'{path}': probe file lacks {missing}")
+    try:
+        coef = np.asarray(doc["coef"], dtype=np.float64)
+        intercept = np.asarray(doc["intercept"], dtype=np.float64)
+        mean, scale = (np.asarray(doc["scaler"][k], dtype=np.float64) for k in ("mean", "scale"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"'{path}': probe file holds non-numeric coefficients ({exc})") from exc
+    n_classes = len(doc["classes"])
+    rows = 1 if n_classes == 2 else n_classes
+    problems = []
+    if n_classes < 2:
+        problems.append(f"{n_classes} class(es)")
+    if coef.ndim != 2 or coef.shape[0] != rows:
+        problems.append(f"coef of shape {coef.shape} for {n_classes} classes")
+    elif intercept.shape != (rows,) or mean.shape != (coef.shape[1],) or scale.shape != (coef.shape[1],):
+        problems.append(f"intercept {intercept.shape}, scaler mean {mean.shape} and scale {scale.shape} do not fit "
+                        f"coef {coef.shape}")
+    if doc["feature_names"] is not None and coef.ndim == 2 and len(doc["feature_names"]) != coef.shape[1]:
+        problems.append(f"{len(doc['feature_names'])} feature names for {coef.shape[1]} coefficients")
+    for name, values in (("coef", coef), ("intercept", intercept), ("scaler mean", mean), ("scaler scale", scale)):
+        if not np.all(np.isfinite(values)):
+            problems.append(f"non-finite {name}")
+    if np.any(scale <= 0):
+        problems.append("scaler scale <= 0")
+    if problems:
+        raise ValueError(f"'{path}': invalid probe file: " + "; ".join(problems))
+
+
 def load_probe(path: str | os.PathLike) -> LogisticProbe:
-    """Read a probe written by :meth:`LogisticProbe.save` (plain JSON, no code is executed)."""
-    doc = json.loads(Path(path).read_text())
-    if doc.get("format") != PROBE_FORMAT:
-        raise ValueError(f"'{path}' is not an fmcib probe file (format {doc.get('format')!r}, "
-                         f"expected {PROBE_FORMAT!r})")
+    """Read a probe written by :meth:`LogisticProbe.save` (plain JSON, no code is executed), validated.
+
+    Raises
+    ------
+    ValueError
+        Not a probe file; a missing field (named); shapes that do not fit; non-finite values; scale <= 0.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"'{path}': cannot read a probe file ({exc})") from exc
+    _check_probe_doc(doc, path)
     params = dict(doc["params"])
     params["C_range"] = tuple(params["C_range"])
     params["penalties"] = tuple(params["penalties"])
@@ -327,7 +360,48 @@ def load_probe(path: str | os.PathLike) -> LogisticProbe:
     logistic.n_features_in_ = coef.shape[1]
     logistic.n_iter_ = np.zeros(1, dtype=np.int32)
     probe.pipeline_ = Pipeline([("scaler", scaler), ("logistic", logistic)])
+    probe.encoder_ = doc.get("encoder")
     return probe
+
+
+def encoder_of(provenance: Any) -> dict[str, Any] | None:
+    """The encoder identity (model, weights sha256, patch contract) in a features table's fmcib metadata."""
+    if not isinstance(provenance, dict):
+        return None
+    prov = provenance.get("provenance", provenance)
+    if "model" not in prov:
+        return None
+    return {"model": prov.get("model"), "weights_sha256": (prov.get("weights") or {}).get("sha256"),
+            "preprocess": prov.get("preprocess")}
+
+
+def prediction_table(probe: LogisticProbe, table: pd.DataFrame) -> pd.DataFrame:
+    """Every row's class probabilities (``prob_<class>``) and ``prediction``, after the table's non-feature columns.
+
+    Rows with a missing feature, or whose probabilities are not finite, get NaN probabilities and no prediction.
+
+    Raises
+    ------
+    ValueError
+        The table already has a ``prediction`` or ``prob_<class>`` column (it would be overwritten).
+    """
+    X = feature_matrix(table)
+    added = [f"prob_{cls}" for cls in probe.classes_] + ["prediction"]
+    clash = [c for c in added if c in table.columns]
+    if clash:
+        raise ValueError(f"the features table already has column(s) {clash}, which predictions would overwrite; "
+                         "rename them first")
+    ok = complete_rows(X)
+    proba = np.full((len(table), len(probe.classes_)), np.nan)
+    if ok.any():
+        proba[ok] = probe.predict_proba(X[ok])
+    ok &= np.all(np.isfinite(proba), axis=1)
+    out = table[[c for c in table.columns if c not in X.columns]].copy()
+    for k, cls in enumerate(probe.classes_):
+        out[f"prob_{cls}"] = proba[:, k]
+    best = probe.classes_[np.argmax(np.where(ok[:, None], proba, 0.0), axis=1)]
+    out["prediction"] = pd.Series(best, index=out.index, dtype=object).where(ok, None)
+    return out
 
 
 def _align_proba(proba: np.ndarray, model_classes: np.ndarray, present: np.ndarray) -> np.ndarray:

@@ -223,12 +223,3 @@ def seeds_from_mask(
             )
     return pd.DataFrame(rows, columns=["image_path", "coordX", "coordY", "coordZ", "label", "component",
                                        "volume_ml", "mask_path"])
-
-
-def _resolve_path(value: object, base: Path | None) -> Path:
-    """A table path: as given (relative to the working directory), else relative to the table's folder."""
-    p = Path(str(value)).expanduser()
-    if p.is_absolute() or p.exists() or base is None:
-        return p
-    alt = base / p
-    return alt if alt.exists() else p

@@ -243,18 +243,32 @@ def prediction_spread(probe: Any, features: pd.DataFrame, lesion_col: str = SEED
     Returns
     -------
     pandas.DataFrame
-        One row per lesion: ``mean``, ``std``, ``min``, ``max`` of the probability and ``n``.
+        One row per lesion: its own columns (ids, labels: everything but features, coordinates and
+        ``fmcib_*``), then ``mean``, ``std``, ``min``, ``max`` of the probability and ``n``.
     """
     feats = feature_matrix(features)
     ok = complete_rows(feats)
     proba = probe.predict_proba(feats[ok])[:, -1]
     frame = pd.DataFrame({lesion_col: features.loc[ok, lesion_col].to_numpy(), "p": proba})
-    return frame.groupby(lesion_col)["p"].agg(["mean", "std", "min", "max", "count"]).rename(
+    spread = frame.groupby(lesion_col)["p"].agg(["mean", "std", "min", "max", "count"]).rename(
         columns={"count": "n"}).reset_index()
+    # the lesion's own columns (ids, labels) from its first perturbed row; not the shifted coordinates
+    own = [c for c in features.columns if c not in feats.columns and not str(c).startswith("fmcib_")
+           and c not in ("coordX", "coordY", "coordZ") and c not in spread.columns]
+    if own:
+        first = features.groupby(lesion_col, sort=True)[own].first().reset_index()
+        spread = first.merge(spread, on=lesion_col)
+    return spread
 
 
 def stable_features(stability: pd.DataFrame, threshold: float = 0.75, column: str = "icc") -> list[str]:
-    """Names of the features whose ``column`` (default: ICC) is at least ``threshold``."""
+    """Names of the features whose ``column`` is at least ``threshold``.
+
+    ``column="icc"`` reads the ``icc`` of :func:`perturbation_stability` or, in a :func:`retest_agreement` table,
+    its ``ICC(1,1)``.
+    """
+    if column == "icc" and column not in stability.columns and "ICC(1,1)" in stability.columns:
+        column = "ICC(1,1)"
     if column not in stability.columns:
         raise ValueError(f"stability table has no column {column!r} (columns: {list(stability.columns)})")
     return stability.loc[stability[column] >= threshold, "feature"].astype(str).tolist()

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .evaluation import auc
-from .io import atomic_path
+from .files import atomic_path
 
 __all__ = ["RiskGroups", "logrank", "cox_univariate", "concordance", "horizon_labels", "plot_km",
            "survival_report", "SurvivalReport"]
@@ -146,17 +146,15 @@ def horizon_labels(time: Any, event: Any, horizon: float) -> tuple[np.ndarray, n
 
 def plot_km(time: Any, event: Any, groups: Any, ax: Any = None, at_risk: bool = True, title: str | None = None) -> Any:
     """Kaplan-Meier curves per group with a number-at-risk table below; returns the axes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from lifelines import KaplanMeierFitter
     from lifelines.plotting import add_at_risk_counts
 
     t, e = _survival_arrays(time, event)
     g = np.asarray(groups).astype(str)
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4.5))
+        from .plots import interactive_axes
+
+        ax = interactive_axes((6, 4.5))
     fitters = []
     order = sorted(np.unique(g), key=lambda v: (v != "low", v != "high", v))
     for label in order:
@@ -169,7 +167,7 @@ def plot_km(time: Any, event: Any, groups: Any, ax: Any = None, at_risk: bool = 
     if title:
         ax.set_title(title)
     if at_risk:
-        add_at_risk_counts(*fitters, ax=ax, rows_to_show=["At risk"])
+        add_at_risk_counts(*fitters, ax=ax, fig=ax.figure, rows_to_show=["At risk"])
     ax.figure.tight_layout()
     return ax
 
@@ -179,6 +177,7 @@ class SurvivalReport:
     """Everything ``fmcib survival`` computes for one score on one evaluation set."""
 
     thresholds: list[float]
+    threshold_source: str
     n_tune: int
     n_eval: int
     logrank: dict[str, Any]
@@ -195,6 +194,10 @@ class SurvivalReport:
     def summary(self) -> pd.DataFrame:
         """Cox rows (group and continuous score) in the paper's table layout."""
         return pd.DataFrame([self.cox_groups, self.cox_score])
+
+
+OPTIMISTIC_THRESHOLD = ("the evaluated rows themselves (no tuning set): optimistic, the groups are not an "
+                        "independent test")
 
 
 def survival_report(table: pd.DataFrame, time: str, event: str, score: str, tune_col: str | None = None,
@@ -228,7 +231,8 @@ def survival_report(table: pd.DataFrame, time: str, event: str, score: str, tune
                           "events": int(labels.sum()),
                           "auc": auc(labels, s[kept]) if 0 < labels.sum() < len(labels) else float("nan")}
     report = SurvivalReport(
-        thresholds=[float(v) for v in groups_model.thresholds_], n_tune=len(tune) if tune_col else 0,
+        thresholds=[float(v) for v in groups_model.thresholds_],
+        threshold_source="tuning rows" if tune_col else OPTIMISTIC_THRESHOLD, n_tune=len(tune) if tune_col else 0,
         n_eval=len(evaluate), logrank=logrank(t, e, groups),
         cox_groups=cox_univariate(t, e, groups, name="risk_group") if len(groups_model.labels_) == 2 else {},
         cox_score=cox_univariate(t, e, s, name=score), c_index=concordance(t, e, s), horizon=horizon_result,
@@ -238,7 +242,10 @@ def survival_report(table: pd.DataFrame, time: str, event: str, score: str, tune
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        ax = plot_km(t, e, groups, title=f"{score}: log-rank p = {report.logrank['p_value']:.3g}")
+        from .plots import new_figure
+
+        ax = plot_km(t, e, groups, ax=new_figure(figsize=(6, 4.5)).subplots(),
+                     title=f"{score}: log-rank p = {report.logrank['p_value']:.3g}")
         save_figure(ax.figure, out / "km.png", dpi=150, close=False)
         save_figure(ax.figure, out / "km.svg", dpi=150)
         with atomic_path(out / "survival.json") as tmp:

@@ -43,9 +43,9 @@ def test_extract_writes_good_rows_errors_file_and_exit_3(synthetic_cases, tiny_m
                   "--weights", str(tiny_model_dir), "--num-workers", "0", "--no-progress")
     assert result.exit_code == 3, result.output
     out = pd.read_csv(tmp_path / "f.csv")
-    assert len(out) == 4 and out.columns[-1] == "fmcib_padding_fraction"
+    assert len(out) == 4 and list(out.columns[-2:]) == ["fmcib_padding_fraction", "fmcib_warning"]
     errors = pd.read_csv(tmp_path / "f.errors.csv")
-    assert errors.row.tolist() == [4] and "missing.nii.gz" in errors.fmcib_error[0]
+    assert errors.fmcib_row.tolist() == [4] and "missing.nii.gz" in errors.fmcib_error[0]
     meta = read_table_metadata(tmp_path / "f.csv")
     assert meta["provenance"]["fmcib_version"] == __version__ and len(meta["row_keys"]) == 4
     assert not partial_dir(tmp_path / "f.csv").exists()

@@ -30,7 +30,9 @@ def test_extract_features_matches_per_seed_reference(synthetic_cases, tiny_model
     table = table.iloc[np.random.default_rng(0).permutation(len(table))].reset_index(drop=True)
     out = extract_features(table, weights=tiny_model_dir, batch_size=5, num_workers=0, progress=False)
     model = create_model(weights=tiny_model_dir, device="cpu")
-    assert list(out.columns) == [*table.columns, *[f"pred_{i}" for i in range(64)], "fmcib_padding_fraction"]
+    assert list(out.columns) == [*table.columns, *[f"pred_{i}" for i in range(64)], "fmcib_padding_fraction",
+                                 "fmcib_warning"]
+    assert (out.fmcib_warning == "").all()  # CT in HU: nothing to warn about
     pd.testing.assert_frame_equal(out[table.columns], table)
     np.testing.assert_allclose(out.filter(like="pred_").to_numpy(), _reference_features(model, table),
                                rtol=1e-4, atol=1e-5)
@@ -60,7 +62,7 @@ def test_spawn_workers_give_the_same_features(synthetic_cases, tiny_model_dir):
     table = synthetic_cases[["image_path", "coordX", "coordY", "coordZ"]].iloc[:6]
     serial = extract_features(table, weights=tiny_model_dir, num_workers=0, progress=False)
     spawned = extract_features(table, weights=tiny_model_dir, num_workers=2, start_method="spawn", progress=False)
-    numeric = [c for c in serial.columns if c != "image_path"]
+    numeric = [c for c in serial.columns if c not in ("image_path", "fmcib_warning")]
     pd.testing.assert_series_equal(spawned.image_path, serial.image_path)
     np.testing.assert_allclose(spawned[numeric].to_numpy(float), serial[numeric].to_numpy(float), rtol=1e-5, atol=1e-6)
 
@@ -95,9 +97,10 @@ def test_bad_rows_are_reported_and_good_rows_kept(synthetic_cases, tiny_model_di
         "coordX": [0, 0, 0, 0, 9999.0, np.nan], "coordY": [0] * 6, "coordZ": [0] * 6})
     table = pd.concat([good, bad], ignore_index=True)
     with pytest.warns(UserWarning, match="6 of 9 row"):
-        out = extract_features(table, weights=tiny_model_dir, num_workers=0, progress=False)
+        out, failed = extract_features(table, weights=tiny_model_dir, num_workers=0, progress=False,
+                                       return_errors=True)
     assert list(out.index) == [0, 1, 2]
-    errors = out.attrs["fmcib_errors"].set_index("row").fmcib_error
+    errors = failed.set_index("fmcib_row").fmcib_error
     assert "file not found" in errors[3] and "nope.nii.gz" in errors[3]
     assert "cannot read image" in errors[4]
     assert "3D volume" in errors[5] and "2D" in errors[5]

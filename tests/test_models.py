@@ -246,3 +246,25 @@ def test_fine_tuned_heads_load_from_every_layout_and_compute_as_the_original(tin
     torch.save({"trunk_state_dict": trunk, "head_state_dict": no_bias}, tmp_path / "no_bias.torch")
     with pytest.raises(WeightsError, match=r"missing keys: 1\.0\.bias"):
         load_head(tmp_path / "no_bias.torch")
+
+
+def test_weights_digest_is_cached_per_file_identity(tmp_path):
+    import hashlib
+    import json
+    import os
+
+    from fmcib.models.checkpoints import fmcib_cache_dir, sha256_file
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(os.urandom(1 << 20))
+    real = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert sha256_file(f, cached=True) == real
+    table_path = fmcib_cache_dir() / "sha256.json"
+    table = json.loads(table_path.read_text())
+    table[str(f.resolve())][3] = "0" * 64  # a cached value must be what is returned, without reading the file
+    table_path.write_text(json.dumps(table))
+    assert sha256_file(f, cached=True) == "0" * 64
+    assert sha256_file(f) == real  # verification never trusts the cache
+    f.write_bytes(os.urandom(1 << 20))  # new content: new size/mtime, so the digest is computed again
+    os.utime(f, ns=(1, 1))
+    assert sha256_file(f, cached=True) == hashlib.sha256(f.read_bytes()).hexdigest()

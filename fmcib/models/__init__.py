@@ -79,10 +79,25 @@ def _weights_in_folder(folder: Path) -> tuple[Path, ModelConfig | None]:
     return files[0], None
 
 
+def _check_output_width(model: nn.Module, config: ModelConfig, source: str) -> None:
+    """The encoder's real output width must be the config's ``num_features`` (run on the meta device: no compute)."""
+    n = int(config.preprocess.patch_size)
+    with torch.device("meta"), torch.no_grad():
+        shape = tuple(model.to("meta")(torch.empty(1, 1, n, n, n)).shape) if _all_meta(model) else None
+    if shape is not None and (len(shape) != 2 or shape[1] != config.num_features):
+        raise WeightsError(f"{source}: the config says {config.num_features} features, but the encoder "
+                           f"{config.architecture} {dict(config.model_args)} gives output of shape {shape}")
+
+
+def _all_meta(model: nn.Module) -> bool:
+    return all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
 def _build_with_weights(config: ModelConfig, trunk: dict[str, torch.Tensor], source: str) -> nn.Module:
     """The architecture of ``config`` holding ``trunk`` (strictly checked), without a wasted random init."""
     with torch.device("meta"):  # no storage, no initialisation: the checkpoint's tensors become the weights
         model = build_architecture(config.architecture, config.model_args)
+    _check_output_width(model, config, source)
     load_state_dict_strict(model, trunk, source, assign=True)
     return model
 
@@ -103,7 +118,7 @@ class ResolvedWeights:
     def sha256(self) -> str | None:
         """SHA-256 of the weights file (None for random initialisation)."""
         if self.path is not None and self._sha256 is None:
-            self._sha256 = sha256_file(self.path)
+            self._sha256 = sha256_file(self.path, cached=True)  # hashed once per file, not once per run
         return self._sha256
 
     def record(self) -> dict[str, str | None]:
@@ -149,6 +164,8 @@ def build_model(resolved: ResolvedWeights, device: str | torch.device | None = N
     """Build the encoder that :func:`resolve_weights` found, load its weights strictly, eval mode, on ``device``."""
     config, path = resolved.config, resolved.path
     if path is None:
+        with torch.device("meta"):
+            _check_output_width(build_architecture(config.architecture, config.model_args), config, config.name)
         model = build_architecture(config.architecture, config.model_args)
     else:
         trunk, heads = read_checkpoint(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,10 +14,11 @@ import torch
 from torch import nn
 
 from ..exceptions import WeightsError
-from ..io import atomic_path
+from ..files import atomic_path
 from .registry import ModelConfig
 
 __all__ = [
+    "fmcib_cache_dir",
     "sha256_file",
     "read_checkpoint",
     "split_checkpoint",
@@ -32,15 +34,47 @@ WEIGHTS_NAME = "model.safetensors"
 HEAD_WEIGHTS_NAME = "head.safetensors"
 LEGACY_SUFFIXES = (".torch", ".pt", ".pth", ".ckpt", ".bin")
 _MAX_KEYS_SHOWN = 8
+logger = logging.getLogger(__name__)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file, read in 4 MiB chunks."""
+def fmcib_cache_dir() -> Path:
+    """fmcib's own cache (files fetched from mirrors, weights digests): ``$FMCIB_CACHE`` or ``~/.cache/fmcib``."""
+    return Path(os.environ.get("FMCIB_CACHE") or Path.home() / ".cache" / "fmcib")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22, cached: bool = False) -> str:
+    """SHA-256 hex digest of a file, read in 4 MiB chunks.
+
+    ``cached=True`` reuses the digest computed for the same file before (same resolved path, size,
+    modification time in ns and inode, kept in ``<fmcib cache>/sha256.json``): recording the provenance of
+    a 0.74 GB weights file then costs nothing after the first run. Checksum verification never uses it.
+    """
+    p = Path(path)
+    key, stat = str(p.resolve()), p.stat()
+    identity = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    table_path = fmcib_cache_dir() / "sha256.json"
+    table: dict[str, Any] = {}
+    if cached:
+        try:
+            table = json.loads(table_path.read_text())
+            entry = table.get(key)
+            if entry and entry[:3] == identity:
+                return str(entry[3])
+        except (OSError, ValueError, TypeError):
+            table = {}
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(p, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if cached:
+        table[key] = [*identity, digest]
+        try:
+            with atomic_path(table_path) as tmp:
+                tmp.write_text(json.dumps(table))
+        except OSError:  # a read-only cache only costs the next run the hashing
+            pass
+    return digest
 
 
 def _strip_module(key: str) -> str:
@@ -145,6 +179,14 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
             f"{source}: weights do not fit the architecture; " + "; ".join(problems)
             + ". Check the model name (the architecture is pinned to the weights)."
         )
+    wrong = [f"{k} ({v.dtype})" for k, v in state.items() if expected[k].is_floating_point() and not v.is_floating_point()]
+    if wrong:
+        raise WeightsError(f"{source}: weights must be floating point; {len(wrong)} tensor(s) are not: "
+                           + ", ".join(wrong[:_MAX_KEYS_SHOWN]))
+    low = [k for k, v in state.items() if v.is_floating_point() and v.dtype != expected[k].dtype]
+    if low:
+        logger.info("%s: %d tensor(s) stored as %s are loaded as %s", source, len(low), state[low[0]].dtype,
+                    expected[low[0]].dtype)
     if assign:
         state = {k: v.to(expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(dict(state), strict=True, assign=assign)

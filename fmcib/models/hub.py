@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import urllib.parse
 from pathlib import Path, PurePosixPath
 
 from ..exceptions import WeightsError
-from .checkpoints import CONFIG_NAME, LEGACY_SUFFIXES, WEIGHTS_NAME, sha256_file
+from .checkpoints import CONFIG_NAME, LEGACY_SUFFIXES, WEIGHTS_NAME, fmcib_cache_dir, sha256_file
 from .registry import ModelConfig
 
 __all__ = ["fmcib_cache_dir", "hub_offline", "download_hub_layout", "resolve_registry_weights", "parse_hub_name"]
 
 logger = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors",) + LEGACY_SUFFIXES
-
-
-def fmcib_cache_dir() -> Path:
-    """Cache for files fetched from mirrors: ``$FMCIB_CACHE`` or ``~/.cache/fmcib``."""
-    return Path(os.environ.get("FMCIB_CACHE") or Path.home() / ".cache" / "fmcib")
 
 
 def hub_offline() -> bool:

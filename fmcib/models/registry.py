@@ -93,6 +93,16 @@ class ModelConfig:
         missing = [k for k in ("name", "architecture", "model_args", "num_features") if k not in data]
         if missing:
             raise ValueError(f"model config lacks {missing}")
+        from .architectures import ARCHITECTURES
+
+        if data["architecture"] not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {data['architecture']!r} (this fmcib knows "
+                             f"{sorted(ARCHITECTURES)}; a newer fmcib may be needed)")
+        if not isinstance(data["num_features"], int) or isinstance(data["num_features"], bool) \
+                or data["num_features"] < 1:
+            raise ValueError(f"num_features must be a positive integer, got {data['num_features']!r}")
+        if not isinstance(data["model_args"], Mapping):
+            raise ValueError(f"model_args must be a mapping, got {type(data['model_args']).__name__}")
         return cls(
             name=str(data["name"]),
             architecture=str(data["architecture"]),
