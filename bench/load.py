@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 

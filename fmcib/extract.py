@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from .exceptions import FmcibError, TableError
+from .exceptions import FmcibError
 from .io import ImageGeometry, open_scan, read_image
 from .preprocessing import PreprocessConfig, extract_patch, patch_origin, patch_region
 from .seeds import _validate_coords, check_inside, mask_centroid, to_lps

@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, c
 from ._version import __version__
 from .evaluation import score_metric
 from .files import atomic_path
-from .tables import FEATURE_PREFIX, feature_matrix
+from .tables import feature_matrix
 
 __all__ = ["LogisticProbe", "feature_matrix", "complete_rows", "drop_missing", "limited_data_curve", "load_probe",
            "encoder_of", "prediction_table"]
