@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -124,8 +125,10 @@ def _pss_gb(pids: list[int]) -> float:
 
 def timed_run(python: str, which: str, csv: Path, weights: Path, out: Path) -> dict[str, float]:
     """Run one package's extraction in a fresh process; its own timing, rows and the tree's peak PSS."""
+    # the reference imports its own fmcib: a PYTHONPATH pointing at this one would shadow it
+    env = {k: v for k, v in os.environ.items() if not (which == "reference" and k == "PYTHONPATH")}
     proc = subprocess.Popen([python, "-c", _RUN[which], str(csv), str(weights), str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     peak = 0.0
     while proc.poll() is None:
         peak = max(peak, _pss_gb(_tree(proc.pid)))

@@ -11,9 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
+from fmcib.datasets import make_demo_features
 from fmcib.evaluation import bootstrap_ci
 from fmcib.plots import qc_montage
 from fmcib.probes import LogisticProbe, feature_matrix
@@ -24,15 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 def main(out_dir: Path) -> None:
     """Run the whole chain and write its figures and tables to ``out_dir``."""
-    rng = np.random.default_rng(0)
-    n, d = 300, 64
-    y = rng.integers(0, 2, n)
-    table = pd.DataFrame(rng.normal(size=(n, d)), columns=[f"pred_{i}" for i in range(d)])
-    table.iloc[:, :3] += 1.0 * y[:, None]
-    table["split"] = np.select([np.arange(n) < 150, np.arange(n) < 200], ["train", "tune"], "test")
-    table["time"] = rng.exponential(np.where(y == 1, 12.0, 30.0))  # months; label 1 = worse outcome
-    table["event"] = (rng.random(n) < 0.8).astype(int)
-    X, part = feature_matrix(table), table["split"].to_numpy()
+    table = make_demo_features(n=300, n_features=64, random_state=0)  # label 1 = worse outcome
+    X, y, part = feature_matrix(table), table["label"].to_numpy(), table["split"].to_numpy()
 
     probe = LogisticProbe(n_trials=30, random_state=0).fit(X[part == "train"], y[part == "train"],
                                                            X_tune=X[part == "tune"], y_tune=y[part == "tune"])
@@ -43,8 +34,7 @@ def main(out_dir: Path) -> None:
     ci = bootstrap_ci(y[test], table.loc[test, "score"], metric="auc", random_state=0)
     print(f"test AUC {ci.estimate:.3f} (95% CI {ci.ci_low:.3f}-{ci.ci_high:.3f}, {ci.n_resamples} resamples)")
 
-    report = survival_report(table[part != "train"].assign(is_tune=lambda t: t.split == "tune"), "time", "event",
-                             "score", tune_col="is_tune", out_dir=out_dir / "survival")
+    report = survival_report(table, "time", "event", "score", split_col="split", out_dir=out_dir / "survival")
     hr = report.cox_groups
     print(f"KM: log-rank p {report.logrank['p_value']:.3g}, HR high vs low {hr['hr']:.2f} "
           f"({hr['hr_low']:.2f}-{hr['hr_high']:.2f}), C-index {report.c_index:.3f}")

@@ -20,9 +20,13 @@ EXIT_ROWS_FAILED = 3
 
 
 def _fail(exc: Exception, debug: bool) -> None:
+    """One line for the user (the command-line wording of fmcib's errors), the traceback only with --debug."""
     if debug:
         raise exc
-    raise click.ClickException(str(exc)) from exc
+    message = getattr(exc, "cli", None) or str(exc)
+    if isinstance(exc, OSError) and not str(exc).startswith("'"):  # full disk, read-only folder, ...
+        message = f"{exc.strerror or type(exc).__name__}: {exc.filename or ''}".rstrip(": ")
+    raise click.ClickException(message) from exc
 
 
 def extraction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -142,8 +146,8 @@ def extract(ctx: click.Context, table: Path, out: Path, model: str, weights: Pat
     _stop_on_sigterm()
     try:
         extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
-        summary = run_extraction(table, out, extractor, coords=coords, resume=resume, overwrite=overwrite)
-    except FmcibError as exc:
+        summary = run_extraction(table, out, extractor, coords=coords, resume=resume, overwrite=overwrite, cli=True)
+    except (FmcibError, OSError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
     except KeyboardInterrupt:
@@ -306,6 +310,8 @@ def probe() -> None:
 @click.option("--features", required=True, type=_TABLE, help="Table from `fmcib extract` (pred_* columns).")
 @click.option("--label", required=True, help="Column holding the class labels.")
 @click.option("--tune-col", default=None, help="Column marking tuning rows (truthy); otherwise stratified CV.")
+@click.option("--split-col", default=None,
+              help="Instead of --tune-col: a column of train/tune/test; fit on train, tune on tune, leave test out.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Probe file (.json).")
 @click.option("--n-trials", default=100, show_default=True, type=click.IntRange(min=0))
 @click.option("--penalty", "penalties", multiple=True, default=["l2"], show_default=True,
@@ -315,24 +321,30 @@ def probe() -> None:
 @click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.pass_context
-def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | None, out: Path, n_trials: int,
-              penalties: tuple[str, ...], scoring: str, cv: int, seed: int) -> None:
+def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | None, split_col: str | None, out: Path,
+              n_trials: int, penalties: tuple[str, ...], scoring: str, cv: int, seed: int) -> None:
     """Fit a probe on the rows with a label (tuning rows, if marked, only tune).
 
     \b
     Example:
-      fmcib probe fit --features f.parquet --label malignant --tune-col is_tune --out probe.json
+      fmcib probe fit --features f.parquet --label malignant --split-col split --out probe.json
     """
     from .files import check_outputs, read_table_metadata
     from .probes import LogisticProbe, encoder_of, feature_matrix
 
     try:
         check_outputs({"--features": features}, {"--out": out})
+        if tune_col and split_col:
+            raise click.UsageError("give --tune-col or --split-col, not both")
         table = _read(features)
-        for col in [label] + ([tune_col] if tune_col else []):
+        for col in [label] + [c for c in (tune_col, split_col) if c]:
             if col not in table.columns:
-                raise click.BadParameter(f"column {col!r} not in {features}", param_hint="--label/--tune-col")
+                raise click.BadParameter(f"column {col!r} not in {features}", param_hint="--label/--tune-col/--split-col")
         table = table[table[label].notna()]
+        if split_col:  # the test rows play no part in fitting or tuning
+            split = table[split_col].astype(str).str.lower()
+            table = table[split.isin(["train", "tune"])].assign(**{"fmcib_is_tune": split == "tune"})
+            tune_col = "fmcib_is_tune"
         X, y = feature_matrix(table), table[label].to_numpy()
         model = LogisticProbe(n_trials=n_trials, penalties=penalties, scoring=scoring, cv=cv, random_state=seed)
         if tune_col:
@@ -387,16 +399,18 @@ def probe_predict(ctx: click.Context, model_path: Path, features: Path, out: Pat
 @click.option("--event", "event_col", required=True, help="1 = event observed, 0 = censored.")
 @click.option("--score", "score_col", required=True, help="Risk score (higher = worse).")
 @click.option("--tune-col", default=None, help="Column marking tuning rows: the threshold is chosen there.")
+@click.option("--split-col", default=None,
+              help="Instead of --tune-col: a column of train/tune/test; threshold on tune, statistics on test.")
 @click.option("--horizon", default=None, type=float, help="Also report AUC for an event by this time.")
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.pass_context
 def survival(ctx: click.Context, predictions: Path, time_col: str, event_col: str, score_col: str,
-             tune_col: str | None, horizon: float | None, out_dir: Path) -> None:
+             tune_col: str | None, split_col: str | None, horizon: float | None, out_dir: Path) -> None:
     """Median-split risk groups, KM curves, log-rank, Cox and C-index for a score.
 
     \b
     Example:
-      fmcib survival --predictions p.csv --time os_months --event death --score prob_1 --tune-col is_tune --out-dir surv/
+      fmcib survival --predictions p.csv --time os_months --event death --score prob_1 --split-col split --out-dir surv/
     """
     from .survival import survival_report
 
@@ -405,11 +419,11 @@ def survival(ctx: click.Context, predictions: Path, time_col: str, event_col: st
     try:
         check_outputs({"--predictions": predictions}, {"--out-dir": out_dir})
         report = survival_report(_read(predictions), time_col, event_col, score_col, tune_col=tune_col,
-                                 horizon=horizon, out_dir=out_dir)
+                                 split_col=split_col, horizon=horizon, out_dir=out_dir)
     except (FmcibError, ValueError) as exc:
         _fail(exc, ctx.obj["debug"])
         return
-    if not tune_col:
+    if not (tune_col or split_col):
         click.echo(f"note: risk-group threshold chosen on {report.threshold_source}", err=True)
     hr = report.cox_groups
     click.echo(f"log-rank p={report.logrank['p_value']:.3g}; HR high vs low {hr.get('hr', float('nan')):.2f} "

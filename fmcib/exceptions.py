@@ -13,7 +13,15 @@ __all__ = [
 
 
 class FmcibError(Exception):
-    """Base class of every error fmcib raises on purpose."""
+    """Base class of every error fmcib raises on purpose.
+
+    ``cli`` is the same message for command-line users, where it differs (options named as flags,
+    ``--coords ras``, instead of Python keywords); the ``fmcib`` command prints it.
+    """
+
+    def __init__(self, message: str = "", cli: str | None = None) -> None:
+        super().__init__(message)
+        self.cli = cli
 
 
 class TableError(FmcibError, ValueError):

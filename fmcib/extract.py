@@ -74,10 +74,12 @@ class ScanTask:
 
 @dataclass
 class RowError:
-    """A row that could not be extracted, with the reason (names row, file and problem)."""
+    """A row that could not be extracted, with the reason (names row, file and problem); ``cli_message`` is the
+    same reason in command-line wording (flags), where it differs."""
 
     row: int
     message: str
+    cli_message: str | None = None
 
 
 @dataclass
@@ -209,11 +211,13 @@ class ScanDataset:
 
     @staticmethod
     def _row_error(row: int, image: str, exc: Exception) -> RowError:
-        if isinstance(exc, FmcibError):
-            msg = str(exc) if str(exc).startswith(("'", "mask '")) else f"'{image}': {exc}"
-        else:
-            msg = f"'{image}': {type(exc).__name__}: {exc}"
-        return RowError(row, f"row {row}: {msg}")
+        if not isinstance(exc, FmcibError):
+            return RowError(row, f"row {row}: '{image}': {type(exc).__name__}: {exc}")
+
+        def worded(text: str) -> str:
+            return f"row {row}: " + (text if text.startswith(("'", "mask '")) else f"'{image}': {text}")
+
+        return RowError(row, worded(str(exc)), worded(exc.cli) if exc.cli else None)
 
 
 # A real CT region a patch wide spans far more than this (noise alone is 10-20 HU standard deviation).
@@ -363,11 +367,12 @@ class FeatureExtractor:
             if resolved is None:
                 self._encoder = self.model.eval().to(resolve_device(self.device))
             else:
-                self._encoder = build_model(resolved, device=self.device)
-                if self.device_type == "cpu":  # oneDNN's 3D convolutions: ~10% faster channels-last, same features
-                    import torch  # to float precision (bench/forward.py, docs/benchmarks.md)
+                import torch
 
-                    self._encoder = self._encoder.to(memory_format=torch.channels_last_3d)
+                # oneDNN's 3D convolutions: ~10% faster channels-last, the same features to float precision
+                # (bench/forward.py, docs/benchmarks.md)
+                fmt = torch.channels_last_3d if self.device_type == "cpu" else None
+                self._encoder = build_model(resolved, device=self.device, memory_format=fmt)
         return self._encoder
 
     def _config(self) -> Any:
@@ -542,14 +547,15 @@ def assemble(df: pd.DataFrame, rows: np.ndarray, features: np.ndarray, padding: 
     return pd.concat([base, feats, pad, note], axis=1)
 
 
-def errors_frame(df: pd.DataFrame, errors: Sequence[RowError]) -> pd.DataFrame:
-    """Failed rows: ``fmcib_row`` (position in the input table), the input columns, and ``fmcib_error``."""
+def errors_frame(df: pd.DataFrame, errors: Sequence[RowError], cli: bool = False) -> pd.DataFrame:
+    """Failed rows: ``fmcib_row`` (position in the input table), the input columns, and ``fmcib_error``
+    (in command-line wording with ``cli=True``)."""
     if not errors:
         return pd.DataFrame(columns=[ROW_COLUMN, *df.columns, ERROR_COLUMN])
     errs = sorted(errors, key=lambda e: e.row)
     out = df.iloc[[e.row for e in errs]].copy()
     out.insert(0, ROW_COLUMN, [e.row for e in errs])
-    out[ERROR_COLUMN] = [e.message for e in errs]
+    out[ERROR_COLUMN] = [(e.cli_message or e.message) if cli else e.message for e in errs]
     return out.reset_index(drop=True)
 
 

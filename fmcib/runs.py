@@ -152,6 +152,7 @@ def run_extraction(
     coords: str = "lps",
     resume: bool = False,
     overwrite: bool = False,
+    cli: bool = False,
 ) -> RunSummary:
     """Extract features for a seeds table into ``out`` (Parquet or CSV), resumable.
 
@@ -160,7 +161,8 @@ def run_extraction(
     metadata or a ``<out>.json`` sidecar) is written atomically, then the chunks are removed. Failed rows go
     to ``<stem>.errors.csv`` with their reasons. With ``resume=True``, rows already in ``out`` or in saved
     chunks are not recomputed, so an interrupted run continues where it stopped. ``<out>.lock`` keeps a
-    second run off the same output while this one works.
+    second run off the same output while this one works. ``cli=True`` words the errors file for command-line
+    users (flags instead of Python keywords).
 
     Raises
     ------
@@ -220,7 +222,7 @@ def run_extraction(
         err_file = errors_path(out)
         if errors:
             with atomic_path(err_file) as tmp:
-                errors_frame(df, errors).to_csv(tmp, index=False)
+                errors_frame(df, errors, cli=cli).to_csv(tmp, index=False)
         elif err_file.exists():
             err_file.unlink()  # stale list from an earlier run on this output whose rows now succeeded
         shutil.rmtree(parts, ignore_errors=True)

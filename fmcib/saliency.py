@@ -209,10 +209,18 @@ def _output_index(scores: np.ndarray, classes: list[Any] | None, target: Any) ->
     return classes.index(target), target
 
 
+MAX_NAME_CHARS = 80  # of the name-column part of a file name; longer names keep a prefix and a hash
+
+
 def _file_stem(df: pd.DataFrame, row: int, name_column: str | None) -> str:
     if name_column is None:
         return f"row{row:05d}"
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(df.iloc[row][name_column])).strip("._") or "x"
+    value = str(df.iloc[row][name_column])
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._") or "x"
+    if len(safe) > MAX_NAME_CHARS:  # file systems allow 255 bytes per name, with our suffixes after it
+        import hashlib
+
+        safe = f"{safe[:MAX_NAME_CHARS - 11]}-{hashlib.sha1(value.encode()).hexdigest()[:10]}"
     return f"{safe}_row{row:05d}"
 
 
@@ -269,8 +277,10 @@ def saliency_maps(
     Returns
     -------
     pandas.DataFrame
-        One line per requested row: ``row``, ``score`` (the explained output), ``explained`` (its class),
-        ``patch_path``, ``saliency_path``, ``png_path`` and ``error`` (empty when the row succeeded).
+        One line per requested row: ``row``, the table's own columns (those not named like the ones below),
+        ``score`` (the explained output), ``explained`` (its class), ``patch_path``, ``saliency_path``,
+        ``png_path`` and ``error`` (empty when the row succeeded; a row whose files cannot be written fails
+        alone). Names longer than 80 characters are shortened, keeping a hash of the whole name.
     """
     from .extract import FeatureExtractor, ScanDataset, load_seed_table, plan_scans
     from .io import write_image
@@ -304,12 +314,21 @@ def saliency_maps(
             paths = {"patch": out / f"{stem}_patch.nii.gz", "saliency": out / f"{stem}_saliency.nii.gz",
                      "png": out / f"{stem}_saliency.png"}
             hu = patch[0] * np.float32(cfg.hu_scale) - np.float32(cfg.hu_offset)
-            write_image(patch_image(hu, origin, cfg), paths["patch"])
-            write_image(patch_image(saliency, origin, cfg), paths["saliency"])
-            plot_saliency(hu, saliency, paths["png"], window_hu=window_hu,
-                          title=f"{stem}: score {scores[index]:.3g} ({explained})")
+            try:
+                write_image(patch_image(hu, origin, cfg), paths["patch"])
+                write_image(patch_image(saliency, origin, cfg), paths["saliency"])
+                plot_saliency(hu, saliency, paths["png"], window_hu=window_hu,
+                              title=f"{stem}: score {scores[index]:.3g} ({explained})")
+            except (OSError, RuntimeError) as exc:  # full disk, unwritable folder: this row fails, not the run
+                records.append({"row": row, "error": f"row {row}: could not write '{paths['patch'].parent}': {exc}"})
+                continue
             records.append({"row": row, "score": float(scores[index]), "explained": explained,
                             "patch_path": str(paths["patch"]), "saliency_path": str(paths["saliency"]),
                             "png_path": str(paths["png"]), "error": ""})
     columns = ["row", "score", "explained", "patch_path", "saliency_path", "png_path", "error"]
-    return pd.DataFrame.from_records(records, columns=columns).sort_values("row", ignore_index=True)
+    result = pd.DataFrame.from_records(records, columns=columns).sort_values("row", ignore_index=True)
+    own = [c for c in df.columns if c not in columns]  # the user's columns (ids, labels) after the row number
+    if own:
+        result = pd.concat([result[["row"]], df.iloc[result["row"].to_numpy()][own].reset_index(drop=True),
+                            result.drop(columns="row")], axis=1)
+    return result

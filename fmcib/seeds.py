@@ -94,10 +94,9 @@ def check_inside(image: sitk.Image | ImageGeometry, seed_lps: np.ndarray) -> Non
     """Raise :class:`SeedError` when an LPS seed lies outside the image's physical extent."""
     if not inside_mask(image, np.asarray(seed_lps))[0]:
         x, y, z = seed_lps
-        raise SeedError(
-            f"seed (x={x:.2f}, y={y:.2f}, z={z:.2f}) mm LPS lies outside the image ({describe_image(image)}); "
-            "seeds are LPS physical mm unless coords='ras' or 'voxel' is given"
-        )
+        where = f"seed (x={x:.2f}, y={y:.2f}, z={z:.2f}) mm LPS lies outside the image ({describe_image(image)}); "
+        raise SeedError(where + "seeds are LPS physical mm unless coords='ras' or 'voxel' is given",
+                        cli=where + "seeds are LPS physical mm unless --coords ras or --coords voxel is given")
 
 
 def grid_differences(a: sitk.Image | ImageGeometry, b: sitk.Image | ImageGeometry) -> list[str]:

@@ -202,19 +202,28 @@ OPTIMISTIC_THRESHOLD = ("the evaluated rows themselves (no tuning set): optimist
 
 def survival_report(table: pd.DataFrame, time: str, event: str, score: str, tune_col: str | None = None,
                     horizon: float | None = None, out_dir: str | os.PathLike | None = None,
-                    quantiles: Sequence[float] = (0.5,)) -> SurvivalReport:
+                    quantiles: Sequence[float] = (0.5,), split_col: str | None = None) -> SurvivalReport:
     """Risk groups, KM curves, log-rank, Cox (groups and continuous score), C-index and horizon AUC.
 
-    ``tune_col`` marks tuning rows (truthy values): thresholds come from them and every statistic from
-    the other rows. Without it the thresholds come from the evaluated rows themselves (optimistic; said
-    in the report). Rows with a missing time, event or score are dropped. With ``out_dir`` writes
-    ``km.png``, ``km.svg``, ``survival.json`` and ``cox.csv`` there.
+    ``split_col`` holds ``train`` / ``tune`` / ``test``: thresholds come from the tuning rows and every
+    statistic from the test rows (training rows are left out: a probe's own training rows would flatter it).
+    Or ``tune_col`` marks tuning rows (truthy values) and every other row is evaluated. With neither, the
+    thresholds come from the evaluated rows themselves (optimistic; said in the report). Rows with a missing
+    time, event or score are dropped. With ``out_dir`` writes ``km.png``, ``km.svg``, ``survival.json`` and
+    ``cox.csv`` there.
     """
-    for col in [time, event, score] + ([tune_col] if tune_col else []):
+    if tune_col and split_col:
+        raise ValueError("give tune_col or split_col, not both")
+    for col in [time, event, score] + [c for c in (tune_col, split_col) if c]:
         if col not in table.columns:
             raise ValueError(f"column {col!r} not in the table (columns: {list(table.columns)})")
     data = table.dropna(subset=[time, event, score])
-    if tune_col:
+    if split_col:
+        split = data[split_col].astype(str).str.lower()
+        tune, evaluate = data[split == "tune"], data[split == "test"]
+        if len(tune) == 0 or len(evaluate) == 0:
+            raise ValueError(f"{split_col!r} marks {len(tune)} 'tune' and {len(evaluate)} 'test' rows; need both")
+    elif tune_col:
         is_tune = data[tune_col].fillna(False).astype(bool).to_numpy()
         tune, evaluate = data[is_tune], data[~is_tune]
         if len(tune) == 0 or len(evaluate) == 0:
@@ -232,7 +241,8 @@ def survival_report(table: pd.DataFrame, time: str, event: str, score: str, tune
                           "auc": auc(labels, s[kept]) if 0 < labels.sum() < len(labels) else float("nan")}
     report = SurvivalReport(
         thresholds=[float(v) for v in groups_model.thresholds_],
-        threshold_source="tuning rows" if tune_col else OPTIMISTIC_THRESHOLD, n_tune=len(tune) if tune_col else 0,
+        threshold_source="tuning rows" if tune_col or split_col else OPTIMISTIC_THRESHOLD,
+        n_tune=len(tune) if tune_col or split_col else 0,
         n_eval=len(evaluate), logrank=logrank(t, e, groups),
         cox_groups=cox_univariate(t, e, groups, name="risk_group") if len(groups_model.labels_) == 2 else {},
         cox_score=cox_univariate(t, e, s, name=score), c_index=concordance(t, e, s), horizon=horizon_result,

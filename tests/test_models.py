@@ -159,9 +159,50 @@ def test_mirror_fallback_with_checksum(tiny, tmp_path):
 def test_missing_weights_offline_says_where_it_looked_and_what_to_do():
     with pytest.raises(WeightsError) as err:
         create_model(DEFAULT_MODEL, device="cpu")
-    msg = str(err.value)
+    msg, cli = str(err.value), err.value.cli
     assert "surajpaib/FMCIB" in msg and "zenodo.org" in msg and "HF_HUB_OFFLINE" in msg
-    assert "weights=" in msg and "--weights" in msg
+    # Python callers read keywords, command-line users flags: each names both ways on, in its own words
+    assert "weights='model_weights.torch'" in msg and "model='resnet50_3d.random'" in msg and "--" not in msg
+    assert "--weights model_weights.torch" in cli and "--model resnet50_3d.random" in cli and "weights=" not in cli
+
+
+def test_without_network_the_first_run_decides_at_once(tmp_path):
+    """No HF_HUB_OFFLINE, no network (a closed local port stands for it): one quick look, one message."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"), FMCIB_CACHE=str(tmp_path / "c"))
+    code = """
+import dataclasses
+from fmcib.models import create_model, get_model_config, register_model
+cfg = get_model_config("resnet50_3d.fmcib")
+register_model(dataclasses.replace(cfg, name="resnet50_3d.offline",
+               weights=dataclasses.replace(cfg.weights, urls=("http://127.0.0.1:9/model_weights.torch",))))
+create_model("resnet50_3d.offline", device="cpu")
+"""
+    (tmp_path / "seeds.csv").write_text("image_path,coordX,coordY,coordZ\nct.nii.gz,0,0,0\n")
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert time.perf_counter() - t < 20 and done.returncode == 1
+    assert "WeightsError" in done.stderr and "not reachable" in done.stderr
+    assert done.stderr.count("weights of 'resnet50_3d.offline' not found") == 1
+
+
+def test_random_init_encoders_are_seeded_and_say_so(caplog):
+    import logging
+
+    register_model(dataclasses.replace(tiny_config("tiny_3d.random"), weights=None), overwrite=True)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    with caplog.at_level(logging.WARNING, logger="fmcib.models"):
+        a, b = (create_model("tiny_3d.random", device="cpu") for _ in range(2))
+    assert torch.equal(torch.rand(1), expected)  # the caller's random stream is untouched
+    _assert_same_params(a, b.state_dict())
+    assert "random weights" in caplog.text and "no learned information" in caplog.text
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-__all__ = ["SyntheticCT", "make_synthetic_ct", "write_dicom_series"]
+__all__ = ["SyntheticCT", "make_synthetic_ct", "write_dicom_series", "make_demo_features"]
 
 # Typical HU levels of the tissues drawn.
 AIR_HU, LUNG_HU, SOFT_TISSUE_HU, BONE_HU = -1000.0, -850.0, 40.0, 700.0
@@ -176,3 +176,25 @@ def write_dicom_series(image: sitk.Image, folder: str | os.PathLike, series_uid:
         writer.SetFileName(str(files[-1]))
         writer.Execute(plane)
     return files
+
+
+def make_demo_features(n: int = 300, n_features: int = 16, signal: float = 1.0,
+                       random_state: int | None = 0) -> pd.DataFrame:
+    """A synthetic features table for trying the downstream statistics: no outcome data can be shipped.
+
+    Columns: ``lesion_id``; ``pred_0 .. pred_{n_features-1}`` (standard normal, plus ``signal`` times the
+    label in the first three); ``label`` (0/1); ``split`` (first half ``train``, next sixth ``tune``, the
+    rest ``test``); ``is_tune``; ``time`` (months, exponential, shorter for label 1) and ``event`` (1 = observed,
+    80%). The probe should find the signal and the survival curves should separate.
+    """
+    rng = np.random.default_rng(random_state)
+    y = rng.integers(0, 2, n)
+    table = pd.DataFrame(rng.normal(size=(n, n_features)), columns=[f"pred_{i}" for i in range(n_features)])
+    table.iloc[:, :3] += signal * y[:, None]
+    table.insert(0, "lesion_id", [f"L{i:04d}" for i in range(n)])
+    table["label"] = y
+    table["split"] = np.select([np.arange(n) < n // 2, np.arange(n) < 2 * n // 3], ["train", "tune"], "test")
+    table["is_tune"] = table["split"] == "tune"
+    table["time"] = np.round(rng.exponential(np.where(y == 1, 12.0, 30.0)), 2)
+    table["event"] = (rng.random(n) < 0.8).astype(int)
+    return table

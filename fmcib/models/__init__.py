@@ -47,6 +47,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+RANDOM_INIT_SEED = 0  # random-init encoders (``*.random``) are seeded with this
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"``: CUDA if available, then Apple MPS, then CPU; otherwise the device named."""
@@ -93,11 +95,20 @@ def _all_meta(model: nn.Module) -> bool:
     return all(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
-def _build_with_weights(config: ModelConfig, trunk: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """The architecture of ``config`` holding ``trunk`` (strictly checked), without a wasted random init."""
+def _build_with_weights(config: ModelConfig, trunk: dict[str, torch.Tensor], source: str,
+                        memory_format: torch.memory_format | None = None) -> nn.Module:
+    """The architecture of ``config`` holding ``trunk`` (strictly checked), without a wasted random init.
+
+    ``memory_format`` (e.g. ``torch.channels_last_3d``) is applied to each 5-D tensor in turn before it is
+    assigned, so the model never holds two copies of its weights.
+    """
     with torch.device("meta"):  # no storage, no initialisation: the checkpoint's tensors become the weights
         model = build_architecture(config.architecture, config.model_args)
     _check_output_width(model, config, source)
+    if memory_format is not None:
+        for key in list(trunk):
+            if trunk[key].dim() == 5:
+                trunk[key] = trunk[key].contiguous(memory_format=memory_format)  # the old copy is freed here
     load_state_dict_strict(model, trunk, source, assign=True)
     return model
 
@@ -160,16 +171,25 @@ def resolve_weights(
     return ResolvedWeights(config=config or get_model_config(name), path=path, source=source)
 
 
-def build_model(resolved: ResolvedWeights, device: str | torch.device | None = None) -> nn.Module:
-    """Build the encoder that :func:`resolve_weights` found, load its weights strictly, eval mode, on ``device``."""
+def build_model(resolved: ResolvedWeights, device: str | torch.device | None = None,
+                memory_format: torch.memory_format | None = None) -> nn.Module:
+    """Build the encoder that :func:`resolve_weights` found, load its weights strictly, eval mode, on ``device``
+    (its 5-D weights in ``memory_format`` when given, e.g. ``torch.channels_last_3d`` for CPU inference)."""
     config, path = resolved.config, resolved.path
     if path is None:
         with torch.device("meta"):
             _check_output_width(build_architecture(config.architecture, config.model_args), config, config.name)
-        model = build_architecture(config.architecture, config.model_args)
+        with torch.random.fork_rng(devices=[]):  # seeded: two runs give the same features; the caller's RNG
+            torch.manual_seed(RANDOM_INIT_SEED)  # is left as it was
+            model = build_architecture(config.architecture, config.model_args)
+        logger.warning("%s: random weights (seed %d): its features are reproducible but carry no learned "
+                       "information; for research use published or trained weights", config.name, RANDOM_INIT_SEED)
+        if memory_format is not None:
+            model = model.to(memory_format=memory_format)
     else:
         trunk, heads = read_checkpoint(path)
-        model = _build_with_weights(config, trunk, str(path))
+        model = _build_with_weights(config, trunk, str(path), memory_format)
+        del trunk
         if heads:
             logger.info("'%s' also holds head weights (%d tensors); the encoder uses the trunk only", path, len(heads))
     model.fmcib_config = config

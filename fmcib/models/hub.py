@@ -36,13 +36,13 @@ def parse_hub_name(name: str) -> tuple[str, str | None]:
     return repo, (rev or None)
 
 
-def _download(repo_id: str, filename: str, revision: str | None) -> Path:
+def _download(repo_id: str, filename: str, revision: str | None, local_only: bool = False) -> Path:
     from huggingface_hub import hf_hub_download
 
     from .._version import __version__
 
     return Path(hf_hub_download(repo_id, filename, revision=revision, library_name="fmcib",
-                                library_version=__version__))
+                                library_version=__version__, local_files_only=local_only))
 
 
 def download_hub_layout(repo_id: str, revision: str | None = None) -> Path:
@@ -71,6 +71,37 @@ def _pick_weights_file(names: list[str], folder: str) -> str | None:
     return None
 
 
+_REACHABLE: dict[str, bool] = {}
+
+
+def reachable(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout_s`` (asked once per host and process).
+
+    Without network, one quick look decides, instead of each client's own retries and timeouts.
+    """
+    import socket
+
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        return True
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    key = f"{parsed.hostname}:{port}"
+    if key not in _REACHABLE:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+            _REACHABLE[key] = True
+        except OSError:
+            _REACHABLE[key] = False
+            logger.info("%s is not reachable: working from local caches only", key)
+    return _REACHABLE[key]
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
 def _from_hub(config: ModelConfig, revision: str | None) -> Path:
     """Weights file of a registry entry from the Hub, listing its folder when the expected name is absent."""
     from huggingface_hub import HfApi, snapshot_download
@@ -80,11 +111,12 @@ def _from_hub(config: ModelConfig, revision: str | None) -> Path:
     if src is None or not (src.hf_hub_id and src.hf_filename):
         raise WeightsError(f"model {config.name!r} has no Hugging Face Hub location")
     rev = revision or src.revision
+    local_only = hub_offline() or not reachable(_hub_endpoint())
     try:
-        return _download(src.hf_hub_id, src.hf_filename, rev)
+        return _download(src.hf_hub_id, src.hf_filename, rev, local_only=local_only)
     except (EntryNotFoundError, LocalEntryNotFoundError) as exc:
         folder = str(PurePosixPath(src.hf_filename).parent)
-        if hub_offline() or isinstance(exc, LocalEntryNotFoundError):
+        if local_only or isinstance(exc, LocalEntryNotFoundError):
             # Offline: look at what the cache holds for that folder.
             snap = Path(snapshot_download(src.hf_hub_id, revision=rev, allow_patterns=[f"{folder}/*"],
                                           local_files_only=True))
@@ -95,7 +127,7 @@ def _from_hub(config: ModelConfig, revision: str | None) -> Path:
         if chosen is None:
             raise
         logger.info("'%s' not in %s; using '%s' from the same folder", src.hf_filename, src.hf_hub_id, chosen)
-        return _download(src.hf_hub_id, chosen, rev)
+        return _download(src.hf_hub_id, chosen, rev, local_only=local_only)
 
 
 def _from_mirror(url: str) -> Path:
@@ -110,6 +142,8 @@ def _from_mirror(url: str) -> Path:
         return target
     if hub_offline() and parsed.scheme in ("http", "https"):
         raise WeightsError(f"{url} not downloaded: HF_HUB_OFFLINE is set")
+    if not reachable(url):
+        raise WeightsError(f"{url} not downloaded: {parsed.hostname} is not reachable from here")
     target.parent.mkdir(parents=True, exist_ok=True)
     download_url_to_file(url, str(target), progress=True)  # writes a temporary file, then renames
     return target
@@ -147,11 +181,14 @@ def resolve_registry_weights(config: ModelConfig, revision: str | None = None) -
             tried.append(f"{url}: {exc}")
         except Exception as exc:
             tried.append(f"{url}: {type(exc).__name__}: {exc}")
+    looked = f"weights of {config.name!r} not found. Looked in: " + "; ".join(tried) + ". "
+    fetch = (f"Offline? Fetch them where there is network (`hf download {src.hf_hub_id} {src.hf_filename}` or "
+             "`fmcib weights download`, then copy the Hugging Face cache), ")
     raise WeightsError(
-        f"weights of {config.name!r} not found. Looked in: " + "; ".join(tried) + ". "
-        f"Offline? Fetch them where there is network (`hf download {src.hf_hub_id} {src.hf_filename}`, then copy "
-        f"the Hugging Face cache), or pass a local file or folder: weights='model_weights.torch' / "
-        f"`fmcib extract --weights ...`."
+        looked + fetch + "or pass a local file or folder: weights='model_weights.torch'. To try the pipeline "
+        "without them: model='resnet50_3d.random' (random weights: features without research value).",
+        cli=looked + fetch + "or pass a local file or folder: --weights model_weights.torch. To try the pipeline "
+        "without them: --model resnet50_3d.random (random weights: features without research value).",
     )
 
 
