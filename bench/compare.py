@@ -8,7 +8,9 @@ Both packages extract features for the same generated seeds tables with the same
 1.0.0, ours, 1.0.0, ours, ... and starting each run only once the machine is idle (other processes
 using under 10% of the CPU over one second). Each process times its own extraction call, weight
 loading included, imports excluded: 1.0.0's ``fmcib.run.get_features(csv, weights_path=...)`` and our
-``fmcib.extract_features(csv, weights=...)``, each with its own defaults. The parent samples the peak
+``fmcib.extract_features(csv, weights=...)``, each with its own defaults. fmcib imports torch, SimpleITK and
+MONAI lazily, on first use; its process imports them before the timed call, as 1.0.0's import does (they
+cost about 5 s on a 2-core CPU either way, MONAI alone 3.6 s). The parent samples the peak
 memory of the whole process tree (PSS summed over the process and its loader workers, every 0.1 s).
 Feature agreement is measured on interior seeds (patch entirely inside the scan): the largest absolute
 difference, and the cosine between the two packages' vectors after removing the mean feature vector
@@ -67,7 +69,8 @@ print(json.dumps({"seconds": seconds, "rows": len(out)}))
 """,
     "fmcib": """
 import json, sys, time, numpy as np
-import fmcib
+import torch, SimpleITK, monai.networks.nets  # what 1.0.0's own import loads (fmcib imports them lazily)
+import fmcib, fmcib.extract, fmcib.models
 t = time.perf_counter()
 out = fmcib.extract_features(sys.argv[1], weights=sys.argv[2], progress=False)
 seconds = time.perf_counter() - t

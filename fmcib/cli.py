@@ -106,7 +106,18 @@ def _extractor(model: str, weights: Path | None, device: str, batch_size: int, n
                             spacing_mm=contract.get("spacing"))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group: fmcib's errors (and full disks, unreadable files, bad values) end any command with
+    one line, in command-line wording; ``--debug`` shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (FmcibError, ValueError, OSError) as exc:
+            _fail(exc, bool((ctx.obj or {}).get("debug")))
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="fmcib")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of short error messages.")
@@ -138,7 +149,6 @@ def extract(ctx: click.Context, table: Path, out: Path, model: str, weights: Pat
     Rows that fail (missing file, seed outside the scan, ...) are listed with their
     reason in <out stem>.errors.csv; the good rows are written and the exit status is 3.
     """
-    from .exceptions import FmcibError
     from .runs import partial_dir, run_extraction, saved_rows
 
     if resume and overwrite:
@@ -147,9 +157,6 @@ def extract(ctx: click.Context, table: Path, out: Path, model: str, weights: Pat
     try:
         extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
         summary = run_extraction(table, out, extractor, coords=coords, resume=resume, overwrite=overwrite, cli=True)
-    except (FmcibError, OSError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
     except KeyboardInterrupt:
         saved = saved_rows(out)
         where = f" in '{partial_dir(out)}'" if saved else ""
@@ -175,7 +182,8 @@ def models_cmd(pattern: str) -> None:
         where = "random init" if src is None else f"hf-hub:{src.hf_hub_id}/{src.hf_filename}" + (
             f" (+{len(src.urls)} mirror)" if src.urls else "")
         p = cfg.preprocess
-        click.echo(f"{name}\t{cfg.num_features} features\t{p.patch_size}^3 @ {p.spacing_mm} mm\t{where}")
+        click.echo(f"{name}\t{cfg.num_features} features\t{p.patch_size}^3 @ {p.spacing_mm} mm\t{where}\t"
+                   f"{cfg.description}")
 
 
 @main.command()
@@ -199,7 +207,6 @@ def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path
     """
     import pandas as pd
 
-    from .exceptions import FmcibError
     from .files import read_table, write_table
     from .seeds import seeds_from_mask
     from .tables import resolve_path
@@ -209,36 +216,32 @@ def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path
     if (mask is None) == (table is None):
         raise click.UsageError("give either --mask (with optional --image) or --csv")
     frames, failed = [], []
-    try:
-        check_table_output(out)
-        check_outputs({"--mask": mask, "--image": image, "--csv": table}, {"--out": out})
-        if mask is not None:
-            jobs = [(0, mask, image, label if label is not None else 1, {})]
-        else:
-            df = read_table(table)
-            missing = [c for c in ("Image", "Mask") if c not in df.columns]
-            if missing:
-                raise click.UsageError(f"'{table}': missing column(s) {missing}")
-            jobs = []
-            for i, rec in df.iterrows():
-                lab = label if label is not None else (int(rec["Label"]) if "Label" in df.columns
-                                                       and not pd.isna(rec["Label"]) else 1)
-                own = {c: rec[c] for c in df.columns if c not in ("Image", "Mask", "Label")}  # ids carried
-                jobs.append((i, resolve_path(rec["Mask"], table.parent), resolve_path(rec["Image"], table.parent), lab,
-                             own))
-        for i, m, img, lab, own in jobs:
-            try:
-                found = seeds_from_mask(m, image=img, label=None if all_labels else lab, components=components)
-                for k, (col, value) in enumerate(c for c in own.items() if c[0] not in found.columns):
-                    found.insert(k, col, value)
-                frames.append(found)
-            except FmcibError as exc:
-                failed.append(f"row {i}: '{m}': {exc}")
-        result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        write_table(result, out)
-    except FmcibError as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_table_output(out)
+    check_outputs({"--mask": mask, "--image": image, "--csv": table}, {"--out": out})
+    if mask is not None:
+        jobs = [(0, mask, image, label if label is not None else 1, {})]
+    else:
+        df = read_table(table)
+        missing = [c for c in ("Image", "Mask") if c not in df.columns]
+        if missing:
+            raise click.UsageError(f"'{table}': missing column(s) {missing}")
+        jobs = []
+        for i, rec in df.iterrows():
+            lab = label if label is not None else (int(rec["Label"]) if "Label" in df.columns
+                                                   and not pd.isna(rec["Label"]) else 1)
+            own = {c: rec[c] for c in df.columns if c not in ("Image", "Mask", "Label")}  # ids carried
+            jobs.append((i, resolve_path(rec["Mask"], table.parent), resolve_path(rec["Image"], table.parent), lab,
+                         own))
+    for i, m, img, lab, own in jobs:
+        try:
+            found = seeds_from_mask(m, image=img, label=None if all_labels else lab, components=components)
+            for k, (col, value) in enumerate(c for c in own.items() if c[0] not in found.columns):
+                found.insert(k, col, value)
+            frames.append(found)
+        except FmcibError as exc:
+            failed.append(f"row {i}: '{m}': {exc}")
+    result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    write_table(result, out)
     click.echo(f"wrote {len(result)} seed(s) to {out}", err=True)
     if failed:
         click.echo("\n".join(failed), err=True)
@@ -262,14 +265,9 @@ def weights_convert(ctx: click.Context, checkpoint: Path, out_dir: Path, model: 
     Example:
       fmcib weights convert model_weights.torch fmcib-resnet50/
     """
-    from .exceptions import FmcibError
     from .models import convert_weights
 
-    try:
-        path = convert_weights(checkpoint, out_dir, name=model)
-    except FmcibError as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    path = convert_weights(checkpoint, out_dir, name=model)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -279,15 +277,10 @@ def weights_convert(ctx: click.Context, checkpoint: Path, out_dir: Path, model: 
 @click.pass_context
 def weights_download(ctx: click.Context, model: str, revision: str | None) -> None:
     """Fetch a model's weights into the cache (run where there is network, then work offline)."""
-    from .exceptions import FmcibError
     from .models import get_model_config
     from .models.hub import resolve_registry_weights
 
-    try:
-        path, source = resolve_registry_weights(get_model_config(model), revision)
-    except FmcibError as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    path, source = resolve_registry_weights(get_model_config(model), revision)
     click.echo(str(path))
 
 
@@ -332,31 +325,27 @@ def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | No
     from .files import check_outputs, read_table_metadata
     from .probes import LogisticProbe, encoder_of, feature_matrix
 
-    try:
-        check_outputs({"--features": features}, {"--out": out})
-        if tune_col and split_col:
-            raise click.UsageError("give --tune-col or --split-col, not both")
-        table = _read(features)
-        for col in [label] + [c for c in (tune_col, split_col) if c]:
-            if col not in table.columns:
-                raise click.BadParameter(f"column {col!r} not in {features}", param_hint="--label/--tune-col/--split-col")
-        table = table[table[label].notna()]
-        if split_col:  # the test rows play no part in fitting or tuning
-            split = table[split_col].astype(str).str.lower()
-            table = table[split.isin(["train", "tune"])].assign(**{"fmcib_is_tune": split == "tune"})
-            tune_col = "fmcib_is_tune"
-        X, y = feature_matrix(table), table[label].to_numpy()
-        model = LogisticProbe(n_trials=n_trials, penalties=penalties, scoring=scoring, cv=cv, random_state=seed)
-        if tune_col:
-            tune = table[tune_col].fillna(False).astype(bool).to_numpy()
-            model.fit(X[~tune], y[~tune], X_tune=X[tune], y_tune=y[tune])
-        else:
-            model.fit(X, y)
-        model.encoder_ = encoder_of(read_table_metadata(features))
-        model.save(out)
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_outputs({"--features": features}, {"--out": out})
+    if tune_col and split_col:
+        raise click.UsageError("give --tune-col or --split-col, not both")
+    table = _read(features)
+    for col in [label] + [c for c in (tune_col, split_col) if c]:
+        if col not in table.columns:
+            raise click.BadParameter(f"column {col!r} not in {features}", param_hint="--label/--tune-col/--split-col")
+    table = table[table[label].notna()]
+    if split_col:  # the test rows play no part in fitting or tuning
+        split = table[split_col].astype(str).str.lower()
+        table = table[split.isin(["train", "tune"])].assign(**{"fmcib_is_tune": split == "tune"})
+        tune_col = "fmcib_is_tune"
+    X, y = feature_matrix(table), table[label].to_numpy()
+    model = LogisticProbe(n_trials=n_trials, penalties=penalties, scoring=scoring, cv=cv, random_state=seed)
+    if tune_col:
+        tune = table[tune_col].fillna(False).astype(bool).to_numpy()
+        model.fit(X[~tune], y[~tune], X_tune=X[tune], y_tune=y[tune])
+    else:
+        model.fit(X, y)
+    model.encoder_ = encoder_of(read_table_metadata(features))
+    model.save(out)
     click.echo(f"probe: C={model.best_params_['C']:.3g} ({model.best_params_['penalty']}), tuning "
                f"{model._objective_metric()}={model.best_score_:.3f}, {model.n_dropped_} rows dropped; wrote {out}",
                err=True)
@@ -372,21 +361,17 @@ def probe_predict(ctx: click.Context, model_path: Path, features: Path, out: Pat
     from .files import check_outputs, check_table_output, read_table_metadata, write_table
     from .probes import encoder_of, load_probe, prediction_table
 
-    try:
-        check_table_output(out)
-        check_outputs({"--features": features, "--model": model_path}, {"--out": out})
-        model = load_probe(model_path)
-        table = _read(features)
-        made_by, trained_on = encoder_of(read_table_metadata(features)), getattr(model, "encoder_", None)
-        if made_by and trained_on and made_by != trained_on:
-            click.echo(f"warning: the probe was trained on features of {trained_on['model']} (weights "
-                       f"{str(trained_on['weights_sha256'])[:12]}...), these come from {made_by['model']} (weights "
-                       f"{str(made_by['weights_sha256'])[:12]}...): its predictions are not meaningful", err=True)
-        keep = prediction_table(model, table)
-        write_table(keep, out)
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_table_output(out)
+    check_outputs({"--features": features, "--model": model_path}, {"--out": out})
+    model = load_probe(model_path)
+    table = _read(features)
+    made_by, trained_on = encoder_of(read_table_metadata(features)), getattr(model, "encoder_", None)
+    if made_by and trained_on and made_by != trained_on:
+        click.echo(f"warning: the probe was trained on features of {trained_on['model']} (weights "
+                   f"{str(trained_on['weights_sha256'])[:12]}...), these come from {made_by['model']} (weights "
+                   f"{str(made_by['weights_sha256'])[:12]}...): its predictions are not meaningful", err=True)
+    keep = prediction_table(model, table)
+    write_table(keep, out)
     missing = int(keep["prediction"].isna().sum())
     if missing:
         click.echo(f"{missing} row(s) with missing or non-finite features got no prediction", err=True)
@@ -416,13 +401,9 @@ def survival(ctx: click.Context, predictions: Path, time_col: str, event_col: st
 
     from .files import check_outputs
 
-    try:
-        check_outputs({"--predictions": predictions}, {"--out-dir": out_dir})
-        report = survival_report(_read(predictions), time_col, event_col, score_col, tune_col=tune_col,
-                                 split_col=split_col, horizon=horizon, out_dir=out_dir)
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_outputs({"--predictions": predictions}, {"--out-dir": out_dir})
+    report = survival_report(_read(predictions), time_col, event_col, score_col, tune_col=tune_col,
+                             split_col=split_col, horizon=horizon, out_dir=out_dir)
     if not (tune_col or split_col):
         click.echo(f"note: risk-group threshold chosen on {report.threshold_source}", err=True)
     hr = report.cox_groups
@@ -464,7 +445,6 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
     With --probe, each lesion's predicted probability (mean, std, min, max over its
     perturbed seeds) goes to <out stem>.prediction_spread.csv.
     """
-    from .exceptions import FmcibError
     from .extract import extract_features
     from .files import write_table
     from .probes import load_probe
@@ -474,38 +454,34 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
 
     spread_out = spread_out or (out.with_name(f"{out.stem}.prediction_spread.csv") if probe_path else None)
     errors_out = out.with_name(f"{out.stem}.errors.csv")
-    try:
-        for path in (out, features_out, spread_out):
-            if path is not None:
-                check_table_output(path)
-        check_outputs({"--csv": table, "--probe": probe_path},
-                      {"--out": out, "--features-out": features_out, "--spread-out": spread_out,
-                       "errors file": errors_out})
-        extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
-        seeds = _read(table)
-        if coords == "voxel":
-            raise click.BadParameter("perturbation works on physical coordinates (lps/ras)", param_hint="--coords")
-        perturbed = perturb_seeds(seeds, n=n_perturbations, variance=variance,
-                                  spacing_mm=extractor.preprocess_config.spacing_mm, random_state=seed)
-        probe_model = load_probe(probe_path) if probe_path else None  # a bad probe file fails before extraction
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # failed rows go to the errors file below
-            feats, failed = extract_features(perturbed, model=extractor, coords=coords, base_dir=table.parent,
-                                             return_errors=True)
-        result = perturbation_stability(feats)
-        write_table(result, out)
-        if features_out:
-            write_table(feats, features_out)
-        if probe_model is not None:
-            spread = prediction_spread(probe_model, feats)
-            write_table(spread, spread_out)
-        if len(failed):
-            write_table(failed, errors_out)
-        elif errors_out.exists():
-            errors_out.unlink()
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    for path in (out, features_out, spread_out):
+        if path is not None:
+            check_table_output(path)
+    check_outputs({"--csv": table, "--probe": probe_path},
+                  {"--out": out, "--features-out": features_out, "--spread-out": spread_out,
+                   "errors file": errors_out})
+    extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
+    seeds = _read(table)
+    if coords == "voxel":
+        raise click.BadParameter("perturbation works on physical coordinates (lps/ras)", param_hint="--coords")
+    perturbed = perturb_seeds(seeds, n=n_perturbations, variance=variance,
+                              spacing_mm=extractor.preprocess_config.spacing_mm, random_state=seed)
+    probe_model = load_probe(probe_path) if probe_path else None  # a bad probe file fails before extraction
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # failed rows go to the errors file below
+        feats, failed = extract_features(perturbed, model=extractor, coords=coords, base_dir=table.parent,
+                                         return_errors=True)
+    result = perturbation_stability(feats)
+    write_table(result, out)
+    if features_out:
+        write_table(feats, features_out)
+    if probe_model is not None:
+        spread = prediction_spread(probe_model, feats)
+        write_table(spread, spread_out)
+    if len(failed):
+        write_table(failed, errors_out)
+    elif errors_out.exists():
+        errors_out.unlink()
     click.echo(f"{(result.icc >= 0.75).sum()} of {len(result)} features have ICC >= 0.75; wrote {out}", err=True)
     if probe_model is not None:
         click.echo(f"prediction spread over {len(spread)} lesion(s): median std {spread['std'].median():.3g}; "
@@ -538,17 +514,13 @@ def stability_select(ctx: click.Context, features: Path, stability_path: Path, t
 
     from .files import check_outputs, check_table_output
 
-    try:
-        check_table_output(out)
-        check_outputs({"--features": features, "--stability": stability_path}, {"--out": out})
-        table = _read(features)
-        keep = set(stable_features(_read(stability_path), threshold=threshold, column=column))
-        feature_cols = list(feature_matrix(table).columns)
-        dropped = [c for c in feature_cols if c not in keep]
-        write_table(table.drop(columns=dropped), out, metadata=read_table_metadata(features))
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_table_output(out)
+    check_outputs({"--features": features, "--stability": stability_path}, {"--out": out})
+    table = _read(features)
+    keep = set(stable_features(_read(stability_path), threshold=threshold, column=column))
+    feature_cols = list(feature_matrix(table).columns)
+    dropped = [c for c in feature_cols if c not in keep]
+    write_table(table.drop(columns=dropped), out, metadata=read_table_metadata(features))
     click.echo(f"kept {len(feature_cols) - len(dropped)} of {len(feature_cols)} features ({column} >= {threshold}); "
                f"wrote {out}", err=True)
 
@@ -566,14 +538,10 @@ def stability_icc(ctx: click.Context, test_path: Path, retest_path: Path, key: s
 
     from .files import check_outputs, check_table_output
 
-    try:
-        check_table_output(out)
-        check_outputs({"--test": test_path, "--retest": retest_path}, {"--out": out})
-        result = retest_agreement(_read(test_path), _read(retest_path), key)
-        write_table(result, out)
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_table_output(out)
+    check_outputs({"--test": test_path, "--retest": retest_path}, {"--out": out})
+    result = retest_agreement(_read(test_path), _read(retest_path), key)
+    write_table(result, out)
     click.echo(f"{len(result)} features over {int(result.n_pairs.iloc[0])} pairs; median ICC(1,1) "
                f"{result['ICC(1,1)'].median():.3f}; wrote {out}", err=True)
 
@@ -586,17 +554,12 @@ def stability_icc(ctx: click.Context, test_path: Path, retest_path: Path, key: s
 @click.pass_context
 def qc(ctx: click.Context, table: Path, out: Path, coords: str, rows_per_page: int) -> None:
     """Montage of each seed's patch (axial, coronal, sagittal) to check that seeds land on lesions."""
-    from .exceptions import FmcibError
     from .plots import qc_montage
 
     from .files import check_outputs
 
-    try:
-        check_outputs({"--csv": table}, {"--out": out})
-        pages = qc_montage(table, out, coords=coords, rows_per_page=rows_per_page)
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_outputs({"--csv": table}, {"--out": out})
+    pages = qc_montage(table, out, coords=coords, rows_per_page=rows_per_page)
     click.echo(f"wrote {len(pages)} page(s): {', '.join(map(str, pages))}", err=True)
 
 
@@ -615,19 +578,15 @@ def tsne(ctx: click.Context, features: Path, label: str, out: Path, perplexity: 
 
     from .files import check_outputs
 
-    try:
-        check_outputs({"--features": features}, {"--out": out})
-        table = _read(features)
-        if label not in table.columns:
-            raise ValueError(f"'{features}': no column {label!r} (columns: {list(table.columns)[:20]})")
-        ax = plot_tsne(table, table[label].to_numpy(), ax=new_figure(figsize=(5.5, 5)).subplots(), perplexity=perplexity,
-                       contours=not no_contours,
-                       random_state=seed)
-        ax.set_title(f"{features.name}: {label}", fontsize=9)
-        save_figure(ax.figure, out, dpi=120, bbox_inches="tight")
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_outputs({"--features": features}, {"--out": out})
+    table = _read(features)
+    if label not in table.columns:
+        raise ValueError(f"'{features}': no column {label!r} (columns: {list(table.columns)[:20]})")
+    ax = plot_tsne(table, table[label].to_numpy(), ax=new_figure(figsize=(5.5, 5)).subplots(), perplexity=perplexity,
+                   contours=not no_contours,
+                   random_state=seed)
+    ax.set_title(f"{features.name}: {label}", fontsize=9)
+    save_figure(ax.figure, out, dpi=120, bbox_inches="tight")
     click.echo(f"wrote {out}", err=True)
 
 
@@ -663,7 +622,6 @@ def saliency(ctx: click.Context, table: Path, probe_path: Path | None, head_path
     scan's physical space) and <stem>_saliency.png; saliency.csv lists them. Rows that
     fail are listed there with their reason and the exit status is 3.
     """
-    from .exceptions import FmcibError
     from .files import write_table
     from .models import load_head
     from .probes import load_probe
@@ -673,27 +631,23 @@ def saliency(ctx: click.Context, table: Path, probe_path: Path | None, head_path
 
     if (probe_path is None) == (head_path is None):
         raise click.UsageError("give exactly one of --probe and --head")
-    try:
-        check_outputs({"--csv": table, "--probe": probe_path, "--head": head_path}, {"--out-dir": out_dir})
-        explained: Any
-        target: Any = target_class
-        if probe_path is not None:
-            explained = load_probe(probe_path)
-            if target_class is not None:  # a command-line class name is text; match the probe's class type
-                target = next((c for c in explained.classes_.tolist() if str(c) == target_class), target_class)
-        else:
-            explained = load_head(head_path)
-            if target_class is not None:
-                if not target_class.isdigit():
-                    raise click.BadParameter("a head's outputs are numbered: give an index", param_hint="--target-class")
-                target = int(target_class)
-        extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
-        result = saliency_maps(table, explained, out_dir, model=extractor, coords=coords, target_class=target,
-                               n_samples=n_samples, noise=noise, random_state=seed, name_column=name_col)
-        write_table(result, out_dir / "saliency.csv")
-    except (FmcibError, ValueError) as exc:
-        _fail(exc, ctx.obj["debug"])
-        return
+    check_outputs({"--csv": table, "--probe": probe_path, "--head": head_path}, {"--out-dir": out_dir})
+    explained: Any
+    target: Any = target_class
+    if probe_path is not None:
+        explained = load_probe(probe_path)
+        if target_class is not None:  # a command-line class name is text; match the probe's class type
+            target = next((c for c in explained.classes_.tolist() if str(c) == target_class), target_class)
+    else:
+        explained = load_head(head_path)
+        if target_class is not None:
+            if not target_class.isdigit():
+                raise click.BadParameter("a head's outputs are numbered: give an index", param_hint="--target-class")
+            target = int(target_class)
+    extractor = _extractor(model, weights, device, batch_size, num_workers, precision, no_progress)
+    result = saliency_maps(table, explained, out_dir, model=extractor, coords=coords, target_class=target,
+                           n_samples=n_samples, noise=noise, random_state=seed, name_column=name_col)
+    write_table(result, out_dir / "saliency.csv")
     failed = int((result.error != "").sum())
     click.echo(f"wrote {len(result) - failed} saliency map(s) to {out_dir}", err=True)
     if failed:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 # torch is imported inside the fixtures that need it: the statistics tests also run on interpreters for
 # which CI has no CPU build of torch (.ci/run).
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real CT (43 lesions with masks, manifest.csv): FMCIB_TEST_DATA, default ../shared/data beside the repository.
+SHARED_DATA = Path(os.environ.get("FMCIB_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 TINY_ARGS = {"depth": 10, "n_input_channels": 1, "widen_factor": 0.125, "conv1_t_stride": 2,
@@ -75,6 +76,20 @@ def put_in_hub_cache(repo_id: str, files: dict[str, Path | bytes], revision: str
     return snap
 
 
+@pytest.fixture(autouse=True)
+def _restore_model_registry():
+    """Tests may register models; each test leaves the registry as it found it."""
+    import sys
+
+    registry = sys.modules.get("fmcib.models.registry")
+    saved = dict(registry._REGISTRY) if registry is not None else None
+    yield
+    registry = sys.modules.get("fmcib.models.registry")
+    if registry is not None and saved is not None:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny encoder in fmcib's Hub layout (config.json + model.safetensors); skips where torch is absent."""
@@ -105,7 +120,7 @@ def synthetic_cases(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real CT of ../shared/data (skips when absent)."""
+    """The real CT of $FMCIB_TEST_DATA (default ../shared/data; skips when absent)."""
     if not (SHARED_DATA / "manifest.csv").is_file():
-        pytest.skip("../shared/data is not present")
+        pytest.skip(f"real CT not found at {SHARED_DATA} (set FMCIB_TEST_DATA)")
     return SHARED_DATA

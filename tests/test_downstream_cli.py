@@ -43,6 +43,24 @@ def test_probe_fit_predict_and_survival_commands(tmp_path):
     np.testing.assert_allclose(preds[["prob_0.0", "prob_1.0"]].drop(index=7).sum(axis=1), 1.0)
     assert preds["prob_1.0"][y == 1].mean() > preds["prob_1.0"][y == 0].mean() + 0.3
 
+    # a probe remembers which encoder made its features, and says so when given another one's
+    from fmcib.files import write_table
+
+    def provenance(model):
+        return {"provenance": {"model": model, "weights": {"sha256": model * 8}, "preprocess": {"patch_size": 50}}}
+
+    write_table(table, tmp_path / "a.csv", metadata=provenance("enc_a"))
+    write_table(table, tmp_path / "b.csv", metadata=provenance("enc_b"))
+    assert _cli("probe", "fit", "--features", tmp_path / "a.csv", "--label", "label", "--out", tmp_path / "pa.json",
+                "--n-trials", "0").exit_code == 0
+    assert load_probe(tmp_path / "pa.json").encoder_["model"] == "enc_a"
+    same = _cli("probe", "predict", "--model", tmp_path / "pa.json", "--features", tmp_path / "a.csv",
+                "--out", tmp_path / "pa.csv")
+    other = _cli("probe", "predict", "--model", tmp_path / "pa.json", "--features", tmp_path / "b.csv",
+                 "--out", tmp_path / "pb.csv")
+    assert same.exit_code == other.exit_code == 0
+    assert "warning" not in same.output and "trained on features of enc_a" in other.output
+
     # survival on the probe's score: times depend on the true label
     preds["time"] = rng.exponential(np.where(y == 1, 1.0, 3.0))
     preds["event"] = 1
@@ -82,10 +100,16 @@ def test_stability_perturb_on_real_ct_then_icc_and_qc(tiny_model_dir, tmp_path):
 
     probe = LogisticProbe(n_trials=0).fit(feature_matrix(feats), (feats.fmcib_offset_x_mm > 0).astype(int))
     probe.save(tmp_path / "probe.json")
-    res = _cli("stability", "perturb", "--csv", seeds, "--out", out, "--n", "4", "--weights", tiny_model_dir,
-               "--probe", tmp_path / "probe.json", "--num-workers", "0", "--no-progress")
-    assert res.exit_code == 0, res.output
+    with_bad = pd.read_csv(seeds)
+    with_bad.loc[len(with_bad)] = ["STS_019/CT_image.nii.gz", 9999.0, 0.0, 0.0, "outside", "bad seed"]
+    with_bad.to_csv(tmp_path / "data" / "with_bad.csv", index=False)
+    res = _cli("stability", "perturb", "--csv", tmp_path / "data" / "with_bad.csv", "--out", out, "--n", "4",
+               "--weights", tiny_model_dir, "--probe", tmp_path / "probe.json", "--num-workers", "0", "--no-progress")
+    assert res.exit_code == 3, res.output  # the failed perturbed seeds go to an errors file, the rest is written
+    failed = pd.read_csv(tmp_path / "stab.errors.csv")
+    assert len(failed) == 4 and set(failed.lesion_id) == {"outside"} and failed.fmcib_error.str.contains("outside").all()
     spread = pd.read_csv(tmp_path / "stab.prediction_spread.csv")
+    assert spread.lesion_id.tolist() == ["STS_019", "STS_019_x+10", "STS_019_yz"]  # the lesions' own columns
     p = pd.Series(probe.predict_proba(feature_matrix(feats))[:, 1]).groupby(feats.fmcib_seed_row)
     np.testing.assert_allclose(spread["mean"], p.mean().to_numpy(), atol=1e-6)
     np.testing.assert_allclose(spread["std"], p.std().to_numpy(), atol=1e-6)

@@ -6,6 +6,7 @@ import dataclasses
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -30,10 +31,52 @@ def _assert_same_params(model: torch.nn.Module, trunk: dict[str, torch.Tensor]) 
         assert torch.equal(state[k], v), k
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def tiny():
     cfg = register_model(tiny_config("tiny_3d.layouts"), overwrite=True)
     return cfg, random_trunk(cfg, seed=7)
+
+
+BUILT_IN = list_models()  # at collection: the package's own entries only
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_registered_model_builds_and_gives_its_feature_width(name):
+    cfg = get_model_config(name)
+    model = create_model(name, pretrained=False, device="cpu")
+    n = cfg.preprocess.patch_size
+    with torch.inference_mode():
+        out = model(torch.rand(2, 1, n, n, n))
+    assert tuple(out.shape) == (2, cfg.num_features)
+    assert model.fmcib_config == cfg
+
+
+def test_a_new_family_is_one_module(synthetic_cases):
+    """The toy family (tests/toy_family.py: a builder and a named model) works end to end, contract included."""
+    import toy_family
+
+    from fmcib import extract_features
+    from fmcib.models.architectures import ARCHITECTURES
+
+    cfg = toy_family.register()
+    assert "toy_cnn" in ARCHITECTURES and "toy_3d.random" in list_models()
+    out = extract_features(synthetic_cases[["image_path", "coordX", "coordY", "coordZ"]].iloc[:3],
+                           model="toy_3d.random", num_workers=0, progress=False)
+    assert [c for c in out.columns if c.startswith("pred_")] == [f"pred_{i}" for i in range(12)]
+    assert out.attrs["fmcib"]["preprocess"]["patch_size"] == 32 and out.attrs["fmcib"]["architecture"] == "toy_cnn"
+    model = create_model("toy_3d.random", device="cpu")
+    from fmcib import preprocess
+
+    row = synthetic_cases.iloc[0]
+    patch = preprocess(row.image_path, (row.coordX, row.coordY, row.coordZ), size=32, spacing=2.0)
+    with torch.inference_mode():
+        np.testing.assert_allclose(out.filter(like="pred_").iloc[0], model(patch[None])[0].numpy(), rtol=1e-4,
+                                   atol=1e-6)
+    assert cfg.preprocess.spacing_mm == 2.0
+
+
+def test_registry_is_restored_between_tests():
+    assert "toy_3d.random" not in list_models() and "tiny_3d.layouts" not in list_models()
 
 
 def test_registry_default_entry_pins_the_paper_architecture():

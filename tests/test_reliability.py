@@ -497,3 +497,32 @@ def test_statistics_do_not_import_the_imaging_stack():
 
 def test_table_errors_are_fmcib_errors():
     assert issubclass(TableError, FmcibError)
+
+
+def test_a_full_disk_gives_one_line_and_keeps_the_earlier_output(synthetic_cases, tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    import errno
+
+    seeds = _seeds(synthetic_cases, 2, tmp_path)
+    out = tmp_path / "f.csv"
+    args = ["extract", "--csv", seeds, "--out", out, "--weights", tiny_model_dir, "--num-workers", 0, "--no-progress"]
+    assert _cli(*args).exit_code == 0
+    before = out.read_bytes()
+
+    def full(self, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    res = _cli(*args)
+    assert res.exit_code == 1 and "No space left on device" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert out.read_bytes() == before and not list(tmp_path.glob(".f.csv.*"))
+
+
+def test_long_saliency_names_are_shortened_with_a_hash():
+    from fmcib.saliency import _file_stem
+
+    names = pd.DataFrame({"id": ["x" * 300 + "a", "x" * 300 + "b", "short id/1"]})
+    stems = [_file_stem(names, i, "id") for i in range(3)]
+    assert all(len(s) < 100 for s in stems) and stems[0] != stems[1]
+    assert stems[2] == "short_id_1_row00002"

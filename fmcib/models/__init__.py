@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..exceptions import WeightsError
-from . import zoo  # noqa: F401  (registers the published models)
+from . import resnet3d  # noqa: F401  (the MONAI ResNet family: registers its builder and models)
 from .architectures import build_architecture
 from .checkpoints import (
     CONFIG_NAME,

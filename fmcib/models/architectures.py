@@ -1,27 +1,33 @@
-"""Network builders, keyed by the ``architecture`` field of a model config."""
+"""Network builders, keyed by the ``architecture`` field of a model config.
+
+A family module (e.g. :mod:`fmcib.models.resnet3d`) registers its builder with :func:`register_architecture`
+and its named models with :func:`fmcib.models.register_model`; adding a family is one new module plus its
+import in ``fmcib/models/__init__.py``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
-__all__ = ["build_architecture", "ARCHITECTURES"]
+__all__ = ["build_architecture", "register_architecture", "ARCHITECTURES"]
+
+Builder = Callable[..., nn.Module]
+ARCHITECTURES: dict[str, Builder] = {}
 
 
-def _monai_resnet(depth: int = 50, **kwargs: Any) -> nn.Module:
-    """A MONAI 3D ResNet (``monai.networks.nets.resnet{depth}``) without pretrained weights."""
-    from monai.networks import nets
+def register_architecture(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``@register_architecture("monai_resnet")`` makes a builder available to model configs."""
 
-    builder = getattr(nets, f"resnet{int(depth)}", None)
-    if builder is None:
-        raise ValueError(f"MONAI has no resnet{depth}")
-    kwargs.setdefault("spatial_dims", 3)
-    return builder(pretrained=False, **kwargs)
+    def add(builder: Builder) -> Builder:
+        if name in ARCHITECTURES and ARCHITECTURES[name] is not builder:
+            raise ValueError(f"architecture {name!r} is already registered")
+        ARCHITECTURES[name] = builder
+        return builder
 
-
-ARCHITECTURES = {"monai_resnet": _monai_resnet}
+    return add
 
 
 def build_architecture(architecture: str, model_args: Mapping[str, Any]) -> nn.Module:
