@@ -194,16 +194,20 @@ def models_cmd(pattern: str) -> None:
 @click.option("--label", default=None, type=int, help="Label value [default: 1, or the table's Label].")
 @click.option("--all-labels", is_flag=True, help="One seed per non-zero label.")
 @click.option("--components", is_flag=True, help="One seed per connected component (several lesions per label).")
+@click.option("--rtstruct", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A DICOM RTSTRUCT: one seed per ROI (its CT series: --image, or found beside it).")
+@click.option("--roi", "rois", multiple=True, help="With --rtstruct: only these ROIs (repeatable).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Seeds table (.csv/.parquet).")
 @click.pass_context
 def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path | None, label: int | None,
-          all_labels: bool, components: bool, out: Path) -> None:
-    """Write a seeds table (LPS mm centres of mass) from label masks.
+          all_labels: bool, components: bool, rtstruct: Path | None, rois: tuple[str, ...], out: Path) -> None:
+    """Write a seeds table (LPS mm centres of mass) from label masks or RTSTRUCT contours.
 
     \b
     Examples:
       fmcib seeds --mask lesion.nii.gz --image ct.nii.gz --components --out seeds.csv
       fmcib seeds --csv radiomics_table.csv --out seeds.csv
+      fmcib seeds --rtstruct RS.dcm --image CT_SERIES_DIR --roi GTV --out seeds.csv
     """
     import pandas as pd
 
@@ -213,11 +217,22 @@ def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path
 
     from .files import check_outputs, check_table_output
 
-    if (mask is None) == (table is None):
-        raise click.UsageError("give either --mask (with optional --image) or --csv")
+    if sum(x is not None for x in (mask, table, rtstruct)) != 1:
+        raise click.UsageError("give one of --mask (with optional --image), --csv or --rtstruct")
+    from .dicom import is_rtstruct
+
+    if mask is not None and is_rtstruct(mask):  # an RTSTRUCT given as --mask: its contours, not an image
+        mask, rtstruct = None, mask
     frames, failed = [], []
     check_table_output(out)
-    check_outputs({"--mask": mask, "--image": image, "--csv": table}, {"--out": out})
+    check_outputs({"--mask": mask, "--image": image, "--csv": table, "--rtstruct": rtstruct}, {"--out": out})
+    if rtstruct is not None:
+        from .dicom import seeds_from_rtstruct
+
+        result = seeds_from_rtstruct(rtstruct, image=image, rois=list(rois) or None, components=components)
+        write_table(result, out)
+        click.echo(f"wrote {len(result)} seed(s) to {out}", err=True)
+        return
     if mask is not None:
         jobs = [(0, mask, image, label if label is not None else 1, {})]
     else:
@@ -240,7 +255,9 @@ def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path
             frames.append(found)
         except FmcibError as exc:
             failed.append(f"row {i}: '{m}': {exc}")
-    result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:  # nothing to write: say why instead of leaving an empty table behind
+        raise FmcibError("no seeds: " + "; ".join(failed))
+    result = pd.concat(frames, ignore_index=True)
     write_table(result, out)
     click.echo(f"wrote {len(result)} seed(s) to {out}", err=True)
     if failed:

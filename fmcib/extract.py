@@ -123,6 +123,13 @@ def plan_scans(df: pd.DataFrame, base_dir: str | os.PathLike | None = None,
     return [ScanTask(image=img, series_uid=uid, seeds=tuple(s)) for (img, uid), s in groups.items()]
 
 
+def _read_mask(path: str) -> Any:
+    """A label image, or the structure set of an RTSTRUCT file (rasterised on each scan's grid when used)."""
+    from .dicom import is_rtstruct, read_rtstruct
+
+    return read_rtstruct(path) if is_rtstruct(path) else read_image(path)
+
+
 def _label_value(label: Any) -> int:
     value = float(label)
     if not value.is_integer():
@@ -199,9 +206,14 @@ class ScanDataset:
         """LPS seed of one row (from its coordinates or its mask), checked to lie inside the scan."""
         if s.mask is not None:
             if s.mask not in masks:
-                masks[s.mask] = read_image(s.mask)
+                masks[s.mask] = _read_mask(s.mask)
             try:
-                seed = mask_centroid(masks[s.mask], _label_value(s.label))
+                if isinstance(masks[s.mask], sitk.Image):
+                    seed = mask_centroid(masks[s.mask], _label_value(s.label))
+                else:  # an RTSTRUCT: Label names the ROI (or gives its number)
+                    from .dicom import roi_centroid
+
+                    seed = roi_centroid(masks[s.mask], s.label, geometry)
             except (FmcibError, ValueError) as exc:
                 raise FmcibError(f"mask '{s.mask}': {exc}") from exc
         else:
