@@ -1,7 +1,7 @@
 """Print requirement lines from pyproject.toml for the CI jobs that do not use the README's install.
 
     python .ci/requirements.py --without-torch   # direct + test dependencies, less torch and MONAI
-    python .ci/requirements.py --lowest          # each direct (and Parquet) dependency pinned to its lower bound
+    python .ci/requirements.py --lowest          # each direct (and Parquet, DICOM) dependency pinned to its lower bound
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     if sys.argv[1:] == ["--without-torch"]:
         print("\n".join(r for r in direct + test if _name(r) not in TORCH_STACK))
     elif sys.argv[1:] == ["--lowest"]:
-        for r in direct + list(project["optional-dependencies"]["parquet"]):
+        for r in direct + list(project["optional-dependencies"]["parquet"]) + list(project["optional-dependencies"]["dicom"]):
             low = re.search(r">=\s*([0-9][^,;\s]*)", r)
             if low is None:
                 sys.exit(f"{r!r} has no lower bound")

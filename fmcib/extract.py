@@ -648,6 +648,7 @@ def extract_features(
     notes = np.concatenate([b.warnings for b in batches]) if batches else np.zeros(0, dtype=object)
     out = assemble(df, rows, feats, pads, notes)
     out.attrs["fmcib"] = extractor.provenance(coords)
+    out.attrs["fmcib"]["relative_paths_from"] = str(Path(base_dir).resolve()) if base_dir is not None else None
     if errors:
         shown = "\n".join(e.message for e in sorted(errors, key=lambda e: e.row)[:20])
         more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""

@@ -181,6 +181,7 @@ def run_extraction(
                    "progress folder": parts})
     keys = row_keys(df)
     provenance = extractor.provenance(coords)
+    provenance["relative_paths_from"] = str(table_dir.resolve()) if table_dir is not None else None
     settings = _settings(provenance)
     with OutputLock(out):
         saved = _saved_chunks(parts)

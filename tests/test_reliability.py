@@ -526,3 +526,20 @@ def test_long_saliency_names_are_shortened_with_a_hash():
     stems = [_file_stem(names, i, "id") for i in range(3)]
     assert all(len(s) < 100 for s in stems) and stems[0] != stems[1]
     assert stems[2] == "short_id_1_row00002"
+
+
+def test_parquet_without_pyarrow_is_reported_before_the_model_loads(synthetic_cases, tmp_path, monkeypatch):
+    seeds = _seeds(synthetic_cases, 2, tmp_path)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    res = _cli("extract", "--csv", seeds, "--out", tmp_path / "f.parquet")  # offline: no weights either
+    assert res.exit_code == 1 and "needs pyarrow" in res.output and "weights" not in res.output
+
+
+def test_the_provenance_says_where_relative_paths_were_resolved(synthetic_cases, tiny_model_dir, tmp_path):
+    from fmcib.files import read_table_metadata
+
+    seeds = _seeds(synthetic_cases, 2, tmp_path)
+    assert _cli("extract", "--csv", seeds, "--out", tmp_path / "f.csv", "--weights", tiny_model_dir,
+                "--num-workers", 0, "--no-progress").exit_code == 0
+    meta = read_table_metadata(tmp_path / "f.csv")
+    assert meta["provenance"]["relative_paths_from"] == str(tmp_path.resolve())

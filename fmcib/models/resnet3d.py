@@ -59,17 +59,16 @@ register_model(
     )
 )
 
-register_model(
-    ModelConfig(
-        name="resnet50_3d.random",
-        architecture="monai_resnet",
-        model_args=FMCIB_RESNET50_ARGS,
-        num_features=4096,
-        preprocess=FMCIB_CONTRACT,
-        weights=None,
-        description="The fmcib architecture (ResNet50, widen x2) with seeded random weights (benchmarks, baselines)",
-    )
-)
+
+def _random_init(name: str, model_args: dict[str, Any], num_features: int, description: str) -> ModelConfig:
+    """A family member without published weights: seeded random initialisation, the fmcib input contract."""
+    return register_model(ModelConfig(name=name, architecture="monai_resnet", model_args=model_args,
+                                      num_features=num_features, preprocess=FMCIB_CONTRACT, weights=None,
+                                      description=description))
+
+
+_random_init("resnet50_3d.random", FMCIB_RESNET50_ARGS, 4096,
+             "The fmcib architecture (ResNet50, widen x2) with seeded random weights (benchmarks, baselines)")
 
 # A small encoder for tests, examples and CPU demonstrations: MONAI ResNet10, basic blocks, widths
 # 64-128-256-512, 14.4 M parameters, 512 features; the fmcib input contract.
@@ -82,14 +81,5 @@ RESNET10_ARGS = {
     "bias_downsample": True,
 }
 
-register_model(
-    ModelConfig(
-        name="resnet10_3d.random",
-        architecture="monai_resnet",
-        model_args=RESNET10_ARGS,
-        num_features=512,
-        preprocess=FMCIB_CONTRACT,
-        weights=None,
-        description="Small MONAI ResNet10 (widths 64-512), seeded random weights: tests, examples, CPU training demos",
-    )
-)
+_random_init("resnet10_3d.random", RESNET10_ARGS, 512,
+             "Small MONAI ResNet10 (widths 64-512), seeded random weights: tests, examples, CPU training demos")
