@@ -41,7 +41,7 @@ def icc(ratings: Any, forms: Sequence[str] = ICC_FORMS, confidence: float = 0.95
     Parameters
     ----------
     ratings : array-like of shape (n_subjects, n_raters) or (n_subjects, n_raters, n_features)
-        One value per subject (lesion) and rater (session, scan, perturbation). No missing values.
+        One value per subject (lesion) and rater (visit, scan, perturbation). No missing values.
     forms : sequence of str, default: all six
         Any of ``"ICC(1,1)"`` (one-way random), ``"ICC(2,1)"`` (two-way random, absolute agreement),
         ``"ICC(3,1)"`` (two-way mixed, consistency) and their average-measure forms ``"ICC(1,k)"``,
