@@ -197,17 +197,22 @@ def models_cmd(pattern: str) -> None:
 @click.option("--rtstruct", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A DICOM RTSTRUCT: one seed per ROI (its CT series: --image, or found beside it).")
 @click.option("--roi", "rois", multiple=True, help="With --rtstruct: only these ROIs (repeatable).")
+@click.option("--seg", "seg", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A DICOM SEG: one seed per segment (its CT series: --image, or found beside it).")
+@click.option("--segment", "segments", multiple=True, help="With --seg: only these segments, by label or number.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Seeds table (.csv/.parquet).")
 @click.pass_context
 def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path | None, label: int | None,
-          all_labels: bool, components: bool, rtstruct: Path | None, rois: tuple[str, ...], out: Path) -> None:
-    """Write a seeds table (LPS mm centres of mass) from label masks or RTSTRUCT contours.
+          all_labels: bool, components: bool, rtstruct: Path | None, rois: tuple[str, ...], seg: Path | None,
+          segments: tuple[str, ...], out: Path) -> None:
+    """Write a seeds table (LPS mm centres of mass) from label masks, RTSTRUCT contours or DICOM SEG segments.
 
     \b
     Examples:
       fmcib seeds --mask lesion.nii.gz --image ct.nii.gz --components --out seeds.csv
       fmcib seeds --csv radiomics_table.csv --out seeds.csv
       fmcib seeds --rtstruct RS.dcm --image CT_SERIES_DIR --roi GTV --out seeds.csv
+      fmcib seeds --seg SEG.dcm --segment 1 --out seeds.csv
     """
     import pandas as pd
 
@@ -217,19 +222,25 @@ def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path
 
     from .files import check_outputs, check_table_output
 
-    if sum(x is not None for x in (mask, table, rtstruct)) != 1:
-        raise click.UsageError("give one of --mask (with optional --image), --csv or --rtstruct")
-    from .dicom import is_rtstruct
+    if sum(x is not None for x in (mask, table, rtstruct, seg)) != 1:
+        raise click.UsageError("give one of --mask (with optional --image), --csv, --rtstruct or --seg")
+    from .dicom import dicom_modality
 
-    if mask is not None and is_rtstruct(mask):  # an RTSTRUCT given as --mask: its contours, not an image
+    modality = dicom_modality(mask) if mask is not None else None
+    if modality == "RTSTRUCT":  # an RTSTRUCT or SEG given as --mask: read as such, not as an image
         mask, rtstruct = None, mask
+    elif modality == "SEG":
+        mask, seg = None, mask
     frames, failed = [], []
     check_table_output(out)
-    check_outputs({"--mask": mask, "--image": image, "--csv": table, "--rtstruct": rtstruct}, {"--out": out})
-    if rtstruct is not None:
-        from .dicom import seeds_from_rtstruct
+    check_outputs({"--mask": mask, "--image": image, "--csv": table, "--rtstruct": rtstruct, "--seg": seg},
+                  {"--out": out})
+    if rtstruct is not None or seg is not None:
+        from .dicom import seeds_from_rtstruct, seeds_from_seg
 
-        result = seeds_from_rtstruct(rtstruct, image=image, rois=list(rois) or None, components=components)
+        result = (seeds_from_rtstruct(rtstruct, image=image, rois=list(rois) or None, components=components)
+                  if rtstruct is not None else
+                  seeds_from_seg(seg, image=image, segments=list(segments) or None, components=components))
         write_table(result, out)
         click.echo(f"wrote {len(result)} seed(s) to {out}", err=True)
         return

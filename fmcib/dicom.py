@@ -1,6 +1,7 @@
-"""DICOM RTSTRUCT contours as label masks on their CT series' grid, and seeds from them.
+"""DICOM RTSTRUCT contours and DICOM SEG segments as label masks on their CT series' grid, and seeds from them.
 
-Needs pydicom (``pip install 'fmcib[dicom]'``). Contours (CLOSED_PLANAR polygons in LPS mm) are
+Needs pydicom, and highdicom for SEG (``pip install 'fmcib[dicom]'``). SEG objects are read with highdicom
+(binary and fractional, any frame order: it places each frame by its position). Contours (CLOSED_PLANAR polygons in LPS mm) are
 rasterised onto the slices of the referenced CT series: a contour goes to the image plane nearest to it,
 a voxel belongs to the structure when its centre lies inside an odd number of the structure's
 polygons on that plane (the even-odd rule: an inner contour cuts a hole). No maintained library does
@@ -26,7 +27,8 @@ from .io import ImageGeometry, open_scan
 from .seeds import continuous_index, seeds_from_mask
 
 __all__ = ["Structure", "StructureSet", "read_rtstruct", "rasterize_contours", "structure_mask",
-           "seeds_from_rtstruct", "find_series", "is_rtstruct", "roi_centroid"]
+           "seeds_from_rtstruct", "find_series", "is_rtstruct", "roi_centroid", "is_seg", "read_seg", "segment_mask",
+           "seeds_from_seg", "dicom_modality", "centroid_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +107,89 @@ def read_rtstruct(path: str | os.PathLike) -> StructureSet:
     return StructureSet(p, sorted(structures.values(), key=lambda s: s.number), series_uid)
 
 
-def is_rtstruct(path: str | os.PathLike) -> bool:
-    """True for a DICOM file whose Modality is RTSTRUCT (its header only is read; False without pydicom)."""
+def dicom_modality(path: str | os.PathLike) -> str | None:
+    """The Modality of a DICOM file (its header only is read), or None for anything else or without pydicom."""
     p = Path(path)
     if not p.is_file():
-        return False
+        return None
     try:
         import pydicom
 
         ds = pydicom.dcmread(str(p), stop_before_pixels=True, specific_tags=["Modality"])
-    except Exception:  # not DICOM, unreadable, or no pydicom: not an RTSTRUCT we can use
-        return False
-    return getattr(ds, "Modality", None) == "RTSTRUCT"
+    except Exception:  # not DICOM, unreadable, or no pydicom
+        return None
+    return getattr(ds, "Modality", None)
+
+
+def is_rtstruct(path: str | os.PathLike) -> bool:
+    """True for a DICOM RTSTRUCT file."""
+    return dicom_modality(path) == "RTSTRUCT"
+
+
+def is_seg(path: str | os.PathLike) -> bool:
+    """True for a DICOM SEG file."""
+    return dicom_modality(path) == "SEG"
+
+
+def read_seg(path: str | os.PathLike) -> Any:
+    """A DICOM SEG object (highdicom ``Segmentation``).
+
+    Raises
+    ------
+    ImageReadError
+        Not readable as a DICOM SEG.
+    """
+    try:
+        import highdicom
+    except ImportError as exc:
+        raise FmcibError("reading DICOM SEG needs highdicom: pip install 'fmcib[dicom]'") from exc
+    try:
+        return highdicom.seg.segread(str(path))
+    except Exception as exc:  # highdicom/pydicom raise several types
+        raise ImageReadError(f"'{path}': not a readable DICOM SEG ({exc})") from exc
+
+
+def _segment_number(seg: Any, key: Any, source: str) -> int:
+    """A segment given by label, or by number when no segment has that label."""
+    labels = {int(n): str(seg.get_segment_description(n).segment_label) for n in seg.segment_numbers}
+    for number, label in labels.items():
+        if label == str(key):
+            return number
+    text = str(key)
+    if text.replace(".", "", 1).isdigit() and float(text).is_integer() and int(float(text)) in labels:
+        return int(float(text))
+    close = difflib.get_close_matches(text, list(labels.values()), n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise SeedError(f"'{source}': no segment {key!r}.{hint} Segments: "
+                    + ", ".join(f"{n} {label!r}" for n, label in labels.items()))
+
+
+def segment_mask(seg: Any, number: int) -> sitk.Image:
+    """One segment of a SEG as a uint8 label image (1 inside) on the SEG's own grid (its non-empty frames).
+
+    Fractional segments (probability or occupancy) count a voxel inside from 0.5.
+    """
+    volume = seg.get_volume(segment_numbers=[int(number)], combine_segments=False, rescale_fractional=True)
+    if volume.number_of_channel_dimensions:
+        volume = volume.squeeze_channel()
+    image = volume.to_simpleitk()
+    fractional = "FRACTIONAL" in str(seg.segmentation_type).upper()
+    return sitk.Cast(image >= 0.5 if fractional else image > 0, sitk.sitkUInt8)
+
+
+def _referenced_series(seg: Any) -> str | None:
+    refs = getattr(seg, "ReferencedSeriesSequence", None)
+    return str(refs[0].SeriesInstanceUID) if refs else None
+
+
+def centroid_of(source: Any, key: Any, geometry: sitk.Image | ImageGeometry) -> np.ndarray:
+    """Centre of mass (LPS mm) of an RTSTRUCT ROI (rasterised on ``geometry``) or of a SEG segment, by name or
+    number: the seed of a table row whose ``Mask`` is such a file and whose ``Label`` names the structure."""
+    from .seeds import mask_centroid
+
+    if isinstance(source, StructureSet):
+        return roi_centroid(source, key, geometry)
+    return mask_centroid(segment_mask(source, _segment_number(source, key, "SEG")), 1)
 
 
 def roi_centroid(structure_set: StructureSet, roi: Any, geometry: sitk.Image | ImageGeometry) -> np.ndarray:
@@ -190,12 +263,14 @@ def find_series(near: str | os.PathLike, series_uid: str, max_depth: int = 3) ->
     start = start.parent if start.is_file() else start
     seen: set[Path] = set()
     for root in (start, start.parent):
-        for folder in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-            if folder in seen or len(folder.relative_to(root).parts) > max_depth:
-                continue
-            seen.add(folder)
-            if _holds_series(folder, series_uid):
-                return folder
+        level = [root]
+        for _ in range(max_depth + 1):  # breadth first, never deeper than max_depth below root
+            for folder in level:
+                if folder not in seen:
+                    seen.add(folder)
+                    if _holds_series(folder, series_uid):
+                        return folder
+            level = sorted(child for folder in level for child in folder.iterdir() if child.is_dir())
     return None
 
 
@@ -240,11 +315,8 @@ def seeds_from_rtstruct(
                             "series folder (image=... / --image)")
         image = found
     referenced = structure_set.series_uid
-    holds = referenced is not None and _holds_series(image, referenced)
-    if referenced is not None and not holds:
-        logger.warning("'%s': its contours were drawn on series %s, which '%s' does not hold; they are placed by "
-                       "their physical coordinates", rtstruct, referenced, image)
-    scan = open_scan(image, series_uid=referenced if holds else None)
+    _check_reference(rtstruct, referenced, image)
+    scan = open_scan(image, series_uid=referenced if referenced and _holds_series(image, referenced) else None)
     chosen = [structure_set.get(r) for r in rois] if rois else [s for s in structure_set.structures if s.contours]
     frames = []
     for structure in chosen:
@@ -267,3 +339,62 @@ def _holds_series(folder: str | os.PathLike, series_uid: str) -> bool:
         return series_uid in (sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _check_reference(source: str | os.PathLike, series_uid: str | None, image: str | os.PathLike) -> None:
+    """A DICOM series folder given for a structure set or SEG must hold the series it was drawn on."""
+    if series_uid is None or not Path(image).is_dir() or _holds_series(image, series_uid):
+        if series_uid is not None and not Path(image).is_dir():
+            logger.info("'%s': placed on '%s' by physical coordinates (its series %s cannot be checked there)",
+                        source, image, series_uid)
+        return
+    found = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(image)) or ())
+    raise SeedError(f"'{source}' was made on series {series_uid}, but '{image}' holds {found or 'no DICOM series'}: "
+                    "give the series it was made on")
+
+
+def seeds_from_seg(
+    seg_path: str | os.PathLike,
+    image: str | os.PathLike | None = None,
+    segments: Sequence[Any] | None = None,
+    components: bool = False,
+) -> pd.DataFrame:
+    """Seed points (LPS mm) of the segments of a DICOM SEG: the centre of mass of each segment.
+
+    Parameters
+    ----------
+    seg_path : path
+        The SEG file (binary or fractional; fractional voxels count from 0.5).
+    image : path, optional
+        The CT the seeds belong to (written to ``image_path``, and every seed checked to lie inside it); by
+        default the series the SEG references, looked for beside it.
+    segments : sequence of str or int, optional
+        Segment labels or numbers (default: every segment). An absent one fails, listing the segments.
+    components : bool, default=False
+        One row per connected component of each segment.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``segment_label, segment_number, image_path, coordX, coordY, coordZ, component, volume_ml,
+        mask_path`` (``mask_path`` is the SEG).
+    """
+    seg = read_seg(seg_path)
+    referenced = _referenced_series(seg)
+    if image is None:
+        found = find_series(seg_path, referenced) if referenced else None
+        if found is None:
+            raise SeedError(f"'{seg_path}': its CT series {referenced} is not beside it; give the series folder "
+                            "(image=... / --image)")
+        image = found
+    _check_reference(seg_path, referenced, image)
+    numbers = [_segment_number(seg, k, str(seg_path)) for k in segments] if segments else \
+        [int(n) for n in seg.segment_numbers]
+    frames = []
+    for number in numbers:
+        mask = segment_mask(seg, number)
+        seeds = seeds_from_mask(mask, image=str(image), label=1, components=components)
+        seeds.insert(0, "segment_number", number)
+        seeds.insert(0, "segment_label", str(seg.get_segment_description(number).segment_label))
+        frames.append(seeds.drop(columns=["label"]).assign(mask_path=str(seg_path)))
+    return pd.concat(frames, ignore_index=True)

@@ -124,10 +124,13 @@ def plan_scans(df: pd.DataFrame, base_dir: str | os.PathLike | None = None,
 
 
 def _read_mask(path: str) -> Any:
-    """A label image, or the structure set of an RTSTRUCT file (rasterised on each scan's grid when used)."""
-    from .dicom import is_rtstruct, read_rtstruct
+    """A label image; the structure set of an RTSTRUCT (rasterised on each scan's grid when used); a DICOM SEG."""
+    from .dicom import dicom_modality, read_rtstruct, read_seg
 
-    return read_rtstruct(path) if is_rtstruct(path) else read_image(path)
+    modality = dicom_modality(path)
+    if modality == "RTSTRUCT":
+        return read_rtstruct(path)
+    return read_seg(path) if modality == "SEG" else read_image(path)
 
 
 def _label_value(label: Any) -> int:
@@ -210,10 +213,10 @@ class ScanDataset:
             try:
                 if isinstance(masks[s.mask], sitk.Image):
                     seed = mask_centroid(masks[s.mask], _label_value(s.label))
-                else:  # an RTSTRUCT: Label names the ROI (or gives its number)
-                    from .dicom import roi_centroid
+                else:  # an RTSTRUCT or SEG: Label names the ROI / segment (or gives its number)
+                    from .dicom import centroid_of
 
-                    seed = roi_centroid(masks[s.mask], s.label, geometry)
+                    seed = centroid_of(masks[s.mask], s.label, geometry)
             except (FmcibError, ValueError) as exc:
                 raise FmcibError(f"mask '{s.mask}': {exc}") from exc
         else:

@@ -124,3 +124,92 @@ def test_tables_and_seeds_accept_an_rtstruct_as_mask(shared_data, tmp_path):
                                     "--out", str(tmp_path / "s.csv")])
     assert res.exit_code == 0, res.output
     assert pd.read_csv(tmp_path / "s.csv").roi_name.tolist() == ["GTV_Mass_CT"]
+
+
+# ------------------------------------------------------------------------------------------------- DICOM SEG
+def _write_seg(shared_data, path, fractional=False, reverse=False, label="GTV"):
+    """A SEG made by highdicom from the STS_019 CT series and its NIfTI tumour mask."""
+    hd = pytest.importorskip("highdicom")
+    folder = shared_data / "ibsi_sts_ct" / "dicom_example" / "STS_019" / "CT" / "image"
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    mask = sitk.ReadImage(str(shared_data / "ibsi_sts_ct" / "nifti" / "STS_019" / "CT_mask.nii.gz"))
+    array = (sitk.GetArrayFromImage(mask) > 0).astype(np.float32 if fractional else np.uint8)
+    if fractional:
+        array *= 0.8  # occupancy 0.8 inside: still inside at the 0.5 cut
+    sources = [pydicom.dcmread(f) for f in files]
+    if reverse:  # frames stored in the opposite order: placed by their positions, not their order
+        sources, array = sources[::-1], array[::-1].copy()
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=label,
+        segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure"),
+        segmented_property_type=hd.sr.CodedConcept("108369006", "SCT", "Tumor"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    kind = hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+    seg = hd.seg.Segmentation(source_images=sources, pixel_array=array, segmentation_type=kind,
+                              segment_descriptions=[desc], series_instance_uid=hd.UID(), series_number=100,
+                              sop_instance_uid=hd.UID(), instance_number=1, manufacturer="fmcib tests",
+                              manufacturer_model_name="tests", software_versions="0", device_serial_number="1")
+    seg.save_as(str(path))
+    return folder, mask
+
+
+@pytest.mark.parametrize("fractional, reverse", [(False, False), (True, False), (False, True)])
+def test_seg_segments_give_the_centre_of_mass_of_their_mask(shared_data, tmp_path, fractional, reverse):
+    from fmcib.dicom import seeds_from_seg
+
+    folder, mask = _write_seg(shared_data, tmp_path / "seg.dcm", fractional=fractional, reverse=reverse)
+    ref = sitk.LabelShapeStatisticsImageFilter()
+    ref.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
+    seeds = seeds_from_seg(tmp_path / "seg.dcm", image=folder)
+    assert seeds.segment_label.tolist() == ["GTV"] and seeds.segment_number.tolist() == [1]
+    np.testing.assert_allclose(seeds[["coordX", "coordY", "coordZ"]].to_numpy()[0], ref.GetCentroid(1), atol=1e-4)
+    assert seeds.volume_ml[0] == pytest.approx(ref.GetPhysicalSize(1) / 1000, rel=1e-6)
+
+
+def test_seg_bad_input_and_the_seeds_command(shared_data, tmp_path):
+    from click.testing import CliRunner
+
+    from fmcib.cli import main
+    from fmcib.datasets import make_synthetic_ct, write_dicom_series
+    from fmcib.dicom import seeds_from_seg
+
+    folder, _ = _write_seg(shared_data, tmp_path / "seg.dcm")
+    with pytest.raises(SeedError, match=r"no segment 'GTX'\. Did you mean 'GTV'"):
+        seeds_from_seg(tmp_path / "seg.dcm", image=folder, segments=["GTX"])
+    other = tmp_path / "other_series"
+    write_dicom_series(make_synthetic_ct(size=(16, 16, 4), n_lesions=1, random_state=0).image, other)
+    with pytest.raises(SeedError, match="was made on series"):
+        seeds_from_seg(tmp_path / "seg.dcm", image=other)
+    res = CliRunner().invoke(main, ["seeds", "--mask", str(tmp_path / "seg.dcm"), "--image", str(folder),
+                                    "--out", str(tmp_path / "s.csv")])  # a SEG given as --mask is read as a SEG
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(tmp_path / "s.csv").segment_label.tolist() == ["GTV"]
+    res = CliRunner().invoke(main, ["seeds", "--seg", str(tmp_path / "seg.dcm"), "--image", str(other),
+                                    "--out", str(tmp_path / "x.csv")])
+    assert res.exit_code == 1 and "was made on series" in res.output and not (tmp_path / "x.csv").exists()
+
+
+def test_a_table_row_can_name_a_seg_segment(shared_data, tmp_path):
+    from fmcib.extract import ScanDataset, plan_scans
+    from fmcib.preprocessing import PreprocessConfig
+
+    folder, mask = _write_seg(shared_data, tmp_path / "seg.dcm")
+    table = pd.DataFrame({"Image": [str(folder)] * 3, "Mask": [str(tmp_path / "seg.dcm")] * 3,
+                          "Label": ["GTV", 1, 7]})
+    item = ScanDataset(plan_scans(table), "lps", PreprocessConfig())[0]
+    assert item["rows"].tolist() == [0, 1] and "no segment 7" in item["errors"][0].message
+    nifti = pd.DataFrame({"Image": [str(folder)], "Mask": [str(shared_data / "ibsi_sts_ct" / "nifti" / "STS_019" /
+                                                              "CT_mask.nii.gz")], "Label": [1]})
+    ref = ScanDataset(plan_scans(nifti), "lps", PreprocessConfig())[0]
+    np.testing.assert_array_equal(item["patches"][0], ref["patches"][0])
+
+
+def test_an_rtstruct_whose_series_is_not_beside_it_says_what_to_give(shared_data, tmp_path):
+    import shutil
+
+    rtstruct = next((shared_data / "ibsi_sts_ct" / "dicom_example" / "STS_019" / "CT" / "mask").iterdir())
+    alone = tmp_path / "alone" / "RS.dcm"
+    alone.parent.mkdir()
+    shutil.copy(rtstruct, alone)
+    with pytest.raises(SeedError, match=r"its CT series 1\.3\.6\.1.* is not beside it; give the series folder"):
+        seeds_from_rtstruct(alone)
