@@ -306,16 +306,8 @@ def seeds_from_rtstruct(
         Absent ROI, contours off the image, unreadable files, a referenced series not found.
     """
     structure_set = read_rtstruct(rtstruct)
-    if image is None:
-        if structure_set.series_uid is None:
-            raise SeedError(f"'{rtstruct}': references no CT series; give the series folder (image=... / --image)")
-        found = find_series(rtstruct, structure_set.series_uid)
-        if found is None:
-            raise SeedError(f"'{rtstruct}': its CT series {structure_set.series_uid} is not beside it; give the "
-                            "series folder (image=... / --image)")
-        image = found
     referenced = structure_set.series_uid
-    _check_reference(rtstruct, referenced, image)
+    image = _image_for(rtstruct, referenced, image)
     scan = open_scan(image, series_uid=referenced if referenced and _holds_series(image, referenced) else None)
     chosen = [structure_set.get(r) for r in rois] if rois else [s for s in structure_set.structures if s.contours]
     frames = []
@@ -339,6 +331,21 @@ def _holds_series(folder: str | os.PathLike, series_uid: str) -> bool:
         return series_uid in (sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ())
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _image_for(source: str | os.PathLike, series_uid: str | None, image: str | os.PathLike | None) -> Path:
+    """The CT an RTSTRUCT or SEG belongs to: ``image`` checked against the series it references, or that series
+    found beside the file."""
+    if image is not None:
+        _check_reference(source, series_uid, image)
+        return Path(image)
+    if series_uid is None:
+        raise SeedError(f"'{source}': references no CT series; give the series folder (image=... / --image)")
+    found = find_series(source, series_uid)
+    if found is None:
+        raise SeedError(f"'{source}': its CT series {series_uid} is not beside it; give the series folder "
+                        "(image=... / --image)")
+    return found
 
 
 def _check_reference(source: str | os.PathLike, series_uid: str | None, image: str | os.PathLike) -> None:
@@ -380,14 +387,7 @@ def seeds_from_seg(
         mask_path`` (``mask_path`` is the SEG).
     """
     seg = read_seg(seg_path)
-    referenced = _referenced_series(seg)
-    if image is None:
-        found = find_series(seg_path, referenced) if referenced else None
-        if found is None:
-            raise SeedError(f"'{seg_path}': its CT series {referenced} is not beside it; give the series folder "
-                            "(image=... / --image)")
-        image = found
-    _check_reference(seg_path, referenced, image)
+    image = _image_for(seg_path, _referenced_series(seg), image)
     numbers = [_segment_number(seg, k, str(seg_path)) for k in segments] if segments else \
         [int(n) for n in seg.segment_numbers]
     frames = []
