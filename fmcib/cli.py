@@ -429,7 +429,8 @@ def survival(ctx: click.Context, predictions: Path, time_col: str, event_col: st
 
     from .files import check_outputs
 
-    check_outputs({"--predictions": predictions}, {"--out-dir": out_dir})
+    check_outputs({"--predictions": predictions},
+                  {f"--out-dir {name}": out_dir / name for name in ("km.png", "km.svg", "survival.json", "cox.csv")})
     report = survival_report(_read(predictions), time_col, event_col, score_col, tune_col=tune_col,
                              split_col=split_col, horizon=horizon, out_dir=out_dir)
     if not (tune_col or split_col):
@@ -659,7 +660,8 @@ def saliency(ctx: click.Context, table: Path, probe_path: Path | None, head_path
 
     if (probe_path is None) == (head_path is None):
         raise click.UsageError("give exactly one of --probe and --head")
-    check_outputs({"--csv": table, "--probe": probe_path, "--head": head_path}, {"--out-dir": out_dir})
+    check_outputs({"--csv": table, "--probe": probe_path, "--head": head_path},
+                  {"--out-dir saliency.csv": out_dir / "saliency.csv"})
     explained: Any
     target: Any = target_class
     if probe_path is not None:

@@ -633,7 +633,6 @@ def extract_features(
     coords = _validate_coords(coords)
     df, table_dir, name = load_seed_table(table)
     base_dir = table_dir if base_dir is None else base_dir
-    plan_scans(df.iloc[:0], name=name)  # column check before loading anything
     extractor = model if isinstance(model, FeatureExtractor) else FeatureExtractor(
         model=model, weights=weights, device=device, batch_size=batch_size, num_workers=num_workers,
         precision=precision, progress=progress, start_method=start_method, patch_size=patch_size,

@@ -160,7 +160,7 @@ def check_outputs(inputs: Mapping[str, PathLike | None], outputs: Mapping[str, P
     """Refuse, before any work, an output that is one of the inputs (the input would be overwritten or deleted).
 
     ``inputs`` and ``outputs`` map a description (``"--csv"``, ``"errors file"``) to a path; None entries are
-    skipped. A folder output also covers every path inside it.
+    skipped. Give the files a command writes, not their folder: an input beside them is not in the way.
 
     Raises
     ------
@@ -175,8 +175,7 @@ def check_outputs(inputs: Mapping[str, PathLike | None], outputs: Mapping[str, P
             if given is None:
                 continue
             i = Path(given)
-            inside = o.exists() and o.is_dir() and i.resolve().is_relative_to(o.resolve())
-            if _same_file(o, i) or inside:
+            if _same_file(o, i):
                 raise FmcibError(f"{out_name} '{o}' is the {in_name} '{i}': it would be overwritten; choose "
                                  "another output")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .exceptions import FmcibError
-from .extract import BatchResult, FeatureExtractor, RowError, assemble, errors_frame, plan_scans
+from .extract import BatchResult, FeatureExtractor, RowError, assemble, errors_frame
 from .files import (
     OutputLock,
     atomic_path,
@@ -173,8 +173,7 @@ def run_extraction(
         output made with other settings or changed since; another run writing the same output.
     """
     out = check_table_output(out)
-    df, table_dir, name = load_seed_table(table)
-    plan_scans(df.iloc[:0], name=name)  # fail on missing columns before loading the model
+    df, table_dir, name = load_seed_table(table)  # columns checked before the model loads
     parts = partial_dir(out)
     check_outputs({"--csv table": Path(table), "--weights": extractor.weights},
                   {"--out": out, "errors file": errors_path(out), "sidecar": out.with_name(out.name + ".json"),

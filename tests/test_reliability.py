@@ -543,3 +543,17 @@ def test_the_provenance_says_where_relative_paths_were_resolved(synthetic_cases,
                 "--num-workers", 0, "--no-progress").exit_code == 0
     meta = read_table_metadata(tmp_path / "f.csv")
     assert meta["provenance"]["relative_paths_from"] == str(tmp_path.resolve())
+
+
+def test_an_output_folder_may_hold_the_input_but_not_overwrite_it(tmp_path):
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"t": rng.exponential(10, 60), "e": rng.integers(0, 2, 60), "s": rng.normal(size=60)})
+    table.to_csv(tmp_path / "preds.csv", index=False)
+    base = ["survival", "--time", "t", "--event", "e", "--score", "s", "--out-dir", tmp_path]
+    res = _cli(*base[:1], "--predictions", tmp_path / "preds.csv", *base[1:])
+    assert res.exit_code == 0, res.output  # the report goes beside its input
+    table.to_csv(tmp_path / "cox.csv", index=False)
+    before = (tmp_path / "cox.csv").read_bytes()
+    res = _cli(*base[:1], "--predictions", tmp_path / "cox.csv", *base[1:])
+    assert res.exit_code == 1 and "is the --predictions" in res.output
+    assert (tmp_path / "cox.csv").read_bytes() == before
