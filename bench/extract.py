@@ -62,7 +62,7 @@ def report(results: dict[str, object], name: str, device: torch.device) -> None:
 def bare_forward(model: torch.nn.Module, batch_size: int, n_patches: int, precision: str) -> float:
     """Patches/s of the encoder alone on random patches already in memory (after one warm-up batch)."""
     device = next(model.parameters()).device
-    x = torch.rand(batch_size, 1, 50, 50, 50, device=device)
+    x = torch.rand(batch_size, *model.fmcib_config.preprocess.input_shape, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     def step() -> None:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -43,13 +43,13 @@ def cpu_peak_gflops() -> tuple[float, str]:
     return cores * mhz / 1e3 * per_cycle, f"{cores} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FP32 FLOP/cycle"
 
 
-def flops_per_patch(model: torch.nn.Module, size: int) -> float:
+def flops_per_patch(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     """FLOPs of one forward of one patch (multiply-add = 2), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(torch.zeros(1, 1, size, size, size, device=device))
+        model(torch.zeros(1, *shape, device=device))
     return float(counter.get_total_flops())
 
 
@@ -86,9 +86,9 @@ def main() -> None:
     args = p.parse_args()
     device = resolve_device(args.device)
     model = create_model(args.model, pretrained=False, device=device)
-    size = int(model.fmcib_config.preprocess.patch_size)
+    contract = model.fmcib_config.preprocess
     torch.manual_seed(0)
-    x = torch.rand(args.batch_size, 1, size, size, size, device=device) * 0.4 + 0.2  # CT-like range (HU -400..800)
+    x = torch.rand(args.batch_size, *contract.input_shape, device=device) * 0.4 + 0.2  # CT-like range (HU -400..800)
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     reference = None
     cosines: dict[str, float] = {}
@@ -111,12 +111,12 @@ def main() -> None:
             else:
                 cos = torch.nn.functional.cosine_similarity(feats, reference, dim=1).min().item()
                 cosines[variant] = min(cosines.get(variant, 1.0), cos)
-    flops = flops_per_patch(model.to(memory_format=torch.contiguous_format), size)
+    flops = flops_per_patch(model.to(memory_format=torch.contiguous_format), contract.input_shape)
     peak, how = (args.peak_gflops, "given") if args.peak_gflops else (
         cpu_peak_gflops() if device.type == "cpu" else (float("nan"), "unknown"))
     median = {v: float(np.median(r)) for v, r in rates.items()}
     results: dict[str, object] = {**environment(device), "model": args.model, "batch_size": args.batch_size,
-                                  "patch": f"{size}^3", "gflop_per_patch": round(flops / 1e9, 2)}
+                                  "patch": contract.describe(), "gflop_per_patch": round(flops / 1e9, 2)}
     for v in VARIANTS:
         results[v] = {"patches_per_s": round(median[v], 3), "all_repeats": [round(r, 3) for r in rates[v]],
                       "vs_fp32": round(median[v] / median["fp32"], 3),

@@ -29,6 +29,26 @@ def _fail(exc: Exception, debug: bool) -> None:
     raise click.ClickException(message) from exc
 
 
+class PerAxis(click.ParamType):
+    """One positive number, or three separated by commas (x, y, z)."""
+
+    name = "N|X,Y,Z"
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            parts = [self.kind(v) for v in value.split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not one number or three separated by commas", param, ctx)
+        if len(parts) not in (1, 3) or not all(p > 0 for p in parts):
+            self.fail(f"{value!r}: give one positive number or three (x,y,z)", param, ctx)
+        return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def extraction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The encoder and loader options shared by every command that extracts features."""
     options = [
@@ -44,11 +64,11 @@ def extraction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]),
                      help="Coordinate system of coordX/Y/Z."),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"])),
-        click.option("--patch-size", default=None, type=click.IntRange(min=8),
-                     help="Override the model's patch edge in voxels (e.g. 64 for lesions over 50 mm).",
+        click.option("--patch-size", default=None, type=PerAxis(int),
+                     help="Override the model's patch size in voxels: N or X,Y,Z (e.g. 64 for lesions over 50 mm).",
                      callback=_collect_contract, expose_value=False),
-        click.option("--spacing", default=None, type=click.FloatRange(min=0, min_open=True),
-                     help="Override the model's patch spacing in mm.", callback=_collect_contract,
+        click.option("--spacing", default=None, type=PerAxis(float),
+                     help="Override the model's patch spacing in mm: S or X,Y,Z.", callback=_collect_contract,
                      expose_value=False),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
     ]
@@ -182,7 +202,7 @@ def models_cmd(pattern: str) -> None:
         where = "random init" if src is None else f"hf-hub:{src.hf_hub_id}/{src.hf_filename}" + (
             f" (+{len(src.urls)} mirror)" if src.urls else "")
         p = cfg.preprocess
-        click.echo(f"{name}\t{cfg.num_features} features\t{p.patch_size}^3 @ {p.spacing_mm} mm\t{where}\t"
+        click.echo(f"{name}\t{cfg.num_features} features\t{p.describe()}\t{where}\t"
                    f"{cfg.description}")
 
 
@@ -494,7 +514,7 @@ def stability_perturb(ctx: click.Context, table: Path, out: Path, n_perturbation
     if coords == "voxel":
         raise click.BadParameter("perturbation works on physical coordinates (lps/ras)", param_hint="--coords")
     perturbed = perturb_seeds(seeds, n=n_perturbations, variance=variance,
-                              spacing_mm=extractor.preprocess_config.spacing_mm, random_state=seed)
+                              spacing_mm=extractor.preprocess_config.spacing_xyz, random_state=seed)
     probe_model = load_probe(probe_path) if probe_path else None  # a bad probe file fails before extraction
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # failed rows go to the errors file below
@@ -580,15 +600,21 @@ def stability_icc(ctx: click.Context, test_path: Path, retest_path: Path, key: s
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG (pages: _page<i>).")
 @click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
 @click.option("--rows-per-page", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--model", default="resnet50_3d.fmcib", show_default=True, help="Whose patch contract to show.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A weights folder whose config.json gives the contract.")
 @click.pass_context
-def qc(ctx: click.Context, table: Path, out: Path, coords: str, rows_per_page: int) -> None:
+def qc(ctx: click.Context, table: Path, out: Path, coords: str, rows_per_page: int, model: str,
+       weights: Path | None) -> None:
     """Montage of each seed's patch (axial, coronal, sagittal) to check that seeds land on lesions."""
     from .plots import qc_montage
 
     from .files import check_outputs
 
     check_outputs({"--csv": table}, {"--out": out})
-    pages = qc_montage(table, out, coords=coords, rows_per_page=rows_per_page)
+    from .models import model_contract
+
+    pages = qc_montage(table, out, coords=coords, rows_per_page=rows_per_page, model=model_contract(model, weights))
     click.echo(f"wrote {len(pages)} page(s): {', '.join(map(str, pages))}", err=True)
 
 
@@ -687,3 +713,110 @@ def saliency(ctx: click.Context, table: Path, probe_path: Path | None, head_path
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command()
+@click.option("--csv", "table", required=True, type=_TABLE, help="Seeds table with a label column.")
+@click.option("--label", required=True, help="Column with the classes (rows without one are left out).")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the fine-tuned model (config.json, model.safetensors, head.safetensors, metrics.csv).")
+@click.option("--tune-col", default=None, help="True/false column marking tuning rows [default: a stratified 20 %].")
+@click.option("--model", default="resnet50_3d.fmcib", show_default=True, help="Starting encoder (registry name).")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Start from local weights (e.g. an earlier fine-tuned folder).")
+@click.option("--random-init", is_flag=True, help="Start from random weights (the supervised baseline).")
+@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]))
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Per process.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw", "lars"]))
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--warmup-epochs", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--accumulate", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per step.")
+@click.option("--clip-grad-norm", default=None, type=click.FloatRange(min=0, min_open=True))
+@click.option("--class-weights", is_flag=True, help="Weight the loss by inverse class frequency.")
+@click.option("--tune-metric", default="auc", show_default=True,
+              type=click.Choice(["auc", "balanced_accuracy", "average_precision"]))
+@click.option("--patience", default=None, type=click.IntRange(min=1), help="Early stopping after N epochs.")
+@click.option("--fraction", default=None, type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Train on a stratified fraction of the training rows (limited-data curves).")
+@click.option("--translate", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Largest random shift per axis, in patch voxels.")
+@click.option("--device", default="auto", show_default=True, callback=_check_device)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
+@click.option("--patch-size", default=None, type=PerAxis(int), help="Override the patch size: N or X,Y,Z voxels.")
+@click.option("--spacing", default=None, type=PerAxis(float), help="Override the patch spacing: S or X,Y,Z mm.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its last checkpoint.")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def finetune(ctx: click.Context, table: Path, label: str, out_dir: Path, tune_col: str | None, model: str,
+             weights: Path | None, random_init: bool, head: str, epochs: int, batch_size: int, lr: float,
+             optimizer: str, weight_decay: float, warmup_epochs: float, accumulate: int, clip_grad_norm: float | None,
+             class_weights: bool, tune_metric: str, patience: int | None, fraction: float | None, translate: int,
+             device: str, precision: str, num_workers: int, coords: str, patch_size: Any, spacing: Any, seed: int,
+             resume: bool, no_progress: bool) -> None:
+    """Fine-tune every layer of an encoder with a classification head.
+
+    \b
+    Example:
+      fmcib finetune --csv train.csv --label malignant --tune-col is_tune --out-dir finetuned/
+    Several processes (DDP): torchrun --nproc-per-node 2 -m fmcib finetune ...
+    """
+    from .training import Augmentation
+    from .training import finetune as run_finetune
+
+    if random_init and weights is not None:
+        raise click.UsageError("--random-init and --weights exclude each other")
+    result = run_finetune(
+        table, label, out_dir, tune_col=tune_col, model=model, weights=weights, pretrained=not random_init, head=head,
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, accumulate=accumulate, clip_grad_norm=clip_grad_norm,
+        class_weights=class_weights, tune_metric=tune_metric, patience=patience, fraction=fraction,
+        augmentation=Augmentation(translate_voxels=translate), device=None if device == "auto" else device,
+        precision=precision, num_workers=num_workers, seed=seed, resume=resume, coords=coords,
+        patch_size=patch_size, spacing_mm=spacing, progress=not no_progress)
+    from .training.distributed import init_distributed
+
+    if init_distributed(None if device == "auto" else device).is_main:
+        best = result.best_metrics.get(f"tune_{tune_metric}")
+        shown = f"tuning {tune_metric} {best:.3f} at epoch {result.best_epoch}" if best is not None else \
+            f"epoch {result.best_epoch} kept"
+        click.echo(f"fine-tuned on {result.counts['train']} rows ({result.counts['tune']} tuning): {shown}; "
+                   f"wrote {out_dir}", err=True)
+
+
+@main.command()
+@click.option("--csv", "table", required=True, type=_TABLE, help="Seeds table.")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder written by `fmcib finetune`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".csv or .parquet")
+@click.option("--device", default="auto", show_default=True, callback=_check_device)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--num-workers", default=None, type=click.IntRange(min=0))
+@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def predict(ctx: click.Context, table: Path, model_dir: Path, out: Path, device: str, batch_size: int,
+            num_workers: int | None, coords: str, no_progress: bool) -> None:
+    """Class probabilities (prob_<class>) and prediction of a fine-tuned model, with the input columns.
+
+    Rows that fail are listed in <out stem>.errors.csv and the exit status is 3.
+    """
+    from .files import check_outputs, check_table_output, write_table
+    from .runs import errors_path
+    from .training import predict as run_predict
+
+    check_table_output(out)
+    check_outputs({"--csv": table}, {"--out": out})
+    preds, errors = run_predict(table, model_dir, device=None if device == "auto" else device, batch_size=batch_size,
+                                num_workers=num_workers, coords=coords, progress=not no_progress,
+                                return_errors=True)
+    write_table(preds, out, metadata=preds.attrs.get("fmcib"))
+    click.echo(f"wrote {len(preds)} prediction(s) to {out}", err=True)
+    if len(errors):
+        write_table(errors, errors_path(out))
+        click.echo(f"{len(errors)} row(s) failed; reasons in {errors_path(out)}", err=True)
+        ctx.exit(3)

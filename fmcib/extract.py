@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from .exceptions import FmcibError
 from .io import ImageGeometry, open_scan, read_image
-from .preprocessing import PreprocessConfig, extract_patch, patch_origin, patch_region
+from .preprocessing import PreprocessConfig, extract_patch, model_input, patch_origin, patch_region
 from .seeds import _validate_coords, check_inside, mask_centroid, to_lps
 from .tables import (
     ERROR_COLUMN,
@@ -144,7 +144,7 @@ class ScanDataset:
     """Map-style dataset: item ``i`` reads scan ``i`` once and cuts every seed's patch.
 
     Picklable (plain data only), so it works with DataLoader workers under fork and spawn.
-    Each item is a dict with ``rows`` (int array), ``patches`` ``(k, 1, n, n, n)`` float32,
+    Each item is a dict with ``rows`` (int array), ``patches`` ``(k, channels, z, y, x)`` float32,
     ``padding`` (k,), ``origins`` ``(k, 3)`` (LPS mm of each patch's first voxel, see
     :func:`fmcib.preprocessing.patch_image`) and ``errors`` (list of :class:`RowError`).
     """
@@ -159,14 +159,14 @@ class ScanDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         task = self.tasks[index]
-        n = int(self.config.patch_size)
+        shape = self.config.input_shape
         try:
             if not task.image:
                 raise FmcibError("image path is empty")
             scan = open_scan(task.image, task.series_uid)  # header only, for image files
         except FmcibError as exc:
             errors = [RowError(s.row, f"row {s.row}: {exc}") for s in task.seeds]
-            return {"rows": np.zeros(0, np.int64), "patches": np.zeros((0, 1, n, n, n), np.float32),
+            return {"rows": np.zeros(0, np.int64), "patches": np.zeros((0, *shape), np.float32),
                     "padding": np.zeros(0), "origins": np.zeros((0, 3)), "warnings": np.zeros(0, dtype=object),
                     "errors": errors}
         errors: list[RowError] = []
@@ -200,7 +200,7 @@ class ScanDataset:
             if note:
                 logger.warning("row %d: '%s': %s", row, task.image, note)
         errors.sort(key=lambda e: e.row)
-        stacked = np.stack(patches)[:, None] if patches else np.zeros((0, 1, n, n, n), np.float32)
+        stacked = model_input(np.stack(patches), self.config) if patches else np.zeros((0, *shape), np.float32)
         return {"rows": np.asarray(rows, np.int64), "patches": stacked,
                 "padding": np.asarray(padding, np.float64), "origins": np.asarray(kept_origins).reshape(-1, 3),
                 "warnings": np.asarray(notes, dtype=object), "errors": errors}
@@ -245,8 +245,9 @@ def intensity_warning(patch: np.ndarray, padding_fraction: float, config: Prepro
     The voxels inside the scan must span at least ``MIN_HU_SPAN`` HU: an image normalised to 0..1, a mask,
     or a constant volume fails that, and its features would be meaningless without any error.
     """
-    hu = patch.astype(np.float64) * config.hu_scale - config.hu_offset
-    inside = hu if padding_fraction == 0 else hu[~np.isclose(hu, config.pad_hu)]
+    hu = config.to_hu(patch)
+    pad = float(config.to_hu(config.normalise(np.array([config.pad_hu], np.float32)))[0])  # after any clipping
+    inside = hu if padding_fraction == 0 else hu[~np.isclose(hu, pad)]
     if inside.size == 0:
         return ""
     lo, hi = float(inside.min()), float(inside.max())
@@ -342,8 +343,8 @@ class FeatureExtractor:
     precision: Precision = "fp32"
     progress: bool = True
     start_method: str | None = None
-    patch_size: int | None = None
-    spacing_mm: float | None = None
+    patch_size: int | tuple[int, int, int] | None = None
+    spacing_mm: float | tuple[float, float, float] | None = None
     _encoder: Any = field(default=None, init=False, repr=False)
     _resolved: Any = field(default=None, init=False, repr=False)
     _override_logged: bool = field(default=False, init=False, repr=False)
@@ -408,15 +409,13 @@ class FeatureExtractor:
         cfg = self._config()
         base = cfg.preprocess if cfg is not None else PreprocessConfig()
         changes = {k: v for k, v in (("patch_size", self.patch_size), ("spacing_mm", self.spacing_mm))
-                   if v is not None and v != getattr(base, k)}
-        if not changes:
-            return base
-        if cfg is not None and not self._override_logged:
-            logger.warning("%s: patch contract overridden (%s); its features are not comparable with the "
-                           "published %d^3 @ %g mm ones", cfg.name,
-                           ", ".join(f"{k}={v}" for k, v in changes.items()), base.patch_size, base.spacing_mm)
+                   if v is not None}
+        chosen = dataclasses.replace(base, **changes) if changes else base
+        if chosen != base and cfg is not None and not self._override_logged:
+            logger.warning("%s: patch contract overridden (%s instead of %s); its features are not comparable with "
+                           "the model's own", cfg.name, chosen.describe(), base.describe())
             self._override_logged = True
-        return dataclasses.replace(base, **changes)
+        return chosen
 
     @property
     def num_features(self) -> int:
@@ -426,10 +425,9 @@ class FeatureExtractor:
             return int(cfg.num_features)
         import torch
 
-        n = int(self.preprocess_config.patch_size)
         dev = next(self.encoder.parameters()).device
         with torch.inference_mode():
-            return int(self.encoder(torch.zeros(1, 1, n, n, n, device=dev)).shape[1])
+            return int(self.encoder(torch.zeros(1, *self.preprocess_config.input_shape, device=dev)).shape[1])
 
     def provenance(self, coords: str) -> dict[str, Any]:
         """Settings that determine the features (recorded with every output; compared on resume)."""

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .files import atomic_path
-from .preprocessing import PreprocessConfig
+from .preprocessing import contract_of
 
 __all__ = ["qc_montage", "plot_tsne", "plot_saliency", "save_figure"]
 
@@ -51,7 +51,7 @@ def _page_paths(out: Path, pages: int) -> list[Path]:
 
 
 def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, coords: str = "lps",
-               rows_per_page: int = 8, config: PreprocessConfig | None = None,
+               rows_per_page: int = 8, model: Any = None,
                window_hu: tuple[float, float] = (-1000.0, 400.0)) -> list[Path]:
     """Central axial, coronal and sagittal slices of every seed's patch, the patch centre marked.
 
@@ -69,8 +69,9 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
         PNG (or PDF/SVG) file; with more rows than ``rows_per_page``, pages go to ``<stem>_page<i><suffix>``.
     coords : {"lps", "ras", "voxel"}, default="lps"
     rows_per_page : int, default=8
-    config : PreprocessConfig, optional
-        Patch contract (default: the 50 mm, 1 mm patch of the default model).
+    model : str, encoder or PreprocessConfig, optional
+        Whose patch contract to show (see :func:`fmcib.preprocessing.contract_of`); default: the published
+        fmcib encoder's.
     window_hu : (float, float), default=(-1000, 400)
         Display window in HU.
 
@@ -82,16 +83,16 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
     from .extract import ScanDataset, load_seed_table, plan_scans
 
     df, base_dir, name = load_seed_table(table)
-    cfg = config or PreprocessConfig()
+    cfg = contract_of(model)
     dataset = ScanDataset(plan_scans(df, base_dir=base_dir, name=name), coords, cfg)
     panels: dict[int, dict[str, Any]] = {}
     for i in range(len(dataset)):
         item = dataset[i]
         for row, patch, pad in zip(item["rows"], item["patches"], item["padding"]):
-            panels[int(row)] = {"patch": patch[0] * cfg.hu_scale - cfg.hu_offset, "padding": float(pad)}
+            panels[int(row)] = {"patch": cfg.to_hu(patch[0]), "padding": float(pad)}
         for err in item["errors"]:
             panels[err.row] = {"error": err.message}
-    c = int(cfg.patch_size) // 2
+    cx, cy, cz = (n // 2 for n in cfg.size_xyz)  # the seed's voxel (see fmcib.preprocessing.patch_origin)
     rows = sorted(panels)
     pages = max(1, int(np.ceil(len(rows) / rows_per_page)))
     written = []
@@ -111,8 +112,8 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
                 axes[r, 0].set_title(label, fontsize=8, loc="left")
                 continue
             _show_views(axes[r], panel["patch"], window_hu)
-            for ax in axes[r]:
-                ax.plot([c], [c], marker="+", color="red", markersize=12, mew=1.5)
+            for ax, (u, v) in zip(axes[r], ((cx, cy), (cx, cz), (cy, cz))):  # axial, coronal, sagittal
+                ax.plot([u], [v], marker="+", color="red", markersize=12, mew=1.5)
             pad = f", {panel['padding']:.0%} outside scan" if panel["padding"] else ""
             axes[r, 0].set_title(f"{label}{pad}", fontsize=8, loc="left")
         fig.tight_layout()

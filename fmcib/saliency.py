@@ -313,7 +313,7 @@ def saliency_maps(
             stem = _file_stem(df, row, name_column)
             paths = {"patch": out / f"{stem}_patch.nii.gz", "saliency": out / f"{stem}_saliency.nii.gz",
                      "png": out / f"{stem}_saliency.png"}
-            hu = patch[0] * np.float32(cfg.hu_scale) - np.float32(cfg.hu_offset)
+            hu = cfg.to_hu(patch[0]).astype(np.float32)
             try:
                 write_image(patch_image(hu, origin, cfg), paths["patch"])
                 write_image(patch_image(saliency, origin, cfg), paths["saliency"])

@@ -165,7 +165,8 @@ def _columnwise_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (xc * yc).sum(axis=0) / np.sqrt((xc**2).sum(axis=0) * (yc**2).sum(axis=0))
 
 
-def perturb_seeds(table: pd.DataFrame, n: int = 50, variance: float = 16.0, spacing_mm: float = 1.0,
+def perturb_seeds(table: pd.DataFrame, n: int = 50, variance: float = 16.0,
+                  spacing_mm: float | Sequence[float] = 1.0,
                   random_state: int | None = None) -> pd.DataFrame:
     """``n`` perturbed copies of every seed, offsets drawn from N(0, variance * I) voxels (the paper: 50, 16).
 
@@ -176,8 +177,8 @@ def perturb_seeds(table: pd.DataFrame, n: int = 50, variance: float = 16.0, spac
     n : int, default=50
     variance : float, default=16.0
         Variance per axis in voxels of the patch grid (``spacing_mm`` each), i.e. sigma = 4 voxels.
-    spacing_mm : float, default=1.0
-        Patch voxel size (the model's ``preprocess.spacing_mm``).
+    spacing_mm : float or (float, float, float), default=1.0
+        Patch voxel size, one number or per axis (x, y, z): the model's ``preprocess.spacing_xyz``.
     random_state : int, optional
 
     Returns
@@ -195,7 +196,8 @@ def perturb_seeds(table: pd.DataFrame, n: int = 50, variance: float = 16.0, spac
         raise ValueError(f"need n >= 1 and variance >= 0, got n={n}, variance={variance}")
     rng = np.random.default_rng(random_state)
     reps = table.loc[table.index.repeat(int(n))].reset_index(drop=True)
-    offsets = rng.normal(0.0, np.sqrt(variance), size=(len(reps), 3)) * float(spacing_mm)
+    offsets = rng.normal(0.0, np.sqrt(variance), size=(len(reps), 3)) * np.broadcast_to(
+        np.asarray(spacing_mm, dtype=np.float64), (3,))
     for axis, col in enumerate(("coordX", "coordY", "coordZ")):
         reps[col] = reps[col].astype(np.float64) + offsets[:, axis]
         reps[f"fmcib_offset_{col[-1].lower()}_mm"] = offsets[:, axis]

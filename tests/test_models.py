@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import put_in_hub_cache, random_trunk, tiny_config
 from fmcib.exceptions import UnknownModelError, WeightsError
 from fmcib.models import (
     DEFAULT_MODEL,
+    ModelConfig,
     WeightsSource,
     convert_weights,
     create_model,
@@ -264,13 +266,12 @@ def test_full_size_default_encoder_from_hub_cache(tmp_path):
 
 
 def test_model_cards_match_the_registry():
-    import json
-
     folders = sorted((Path(__file__).resolve().parents[1] / "weights").iterdir())
     assert folders
     for folder in folders:
         config = json.loads((folder / "config.json").read_text())
-        assert config == get_model_config(folder.name).to_dict(), folder.name
+        assert ModelConfig.from_dict(config) == dataclasses.replace(get_model_config(folder.name), weights=None)
+        assert config == get_model_config(folder.name).to_dict(), folder.name  # written with every key
         card = (folder / "README.md").read_text()
         assert card.startswith("---\nlicense:") and "## Input contract" in card
 
@@ -352,3 +353,22 @@ def test_weights_digest_is_cached_per_file_identity(tmp_path):
     f.write_bytes(os.urandom(1 << 20))  # new content: new size/mtime, so the digest is computed again
     os.utime(f, ns=(1, 1))
     assert sha256_file(f, cached=True) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_contract_round_trips_per_axis_and_old_configs_load_unchanged():
+    from fmcib.preprocessing import PreprocessConfig
+
+    # A preprocess block as fmcib 0.x wrote it (no clip window, no channels): the published contract.
+    old = {"patch_size": 50, "spacing_mm": 1.0, "hu_offset": 1024.0, "hu_scale": 3072.0, "pad_hu": -1024.0}
+    assert PreprocessConfig.from_dict(old) == get_model_config("resnet50_3d.fmcib").preprocess
+    assert PreprocessConfig.from_dict(old).input_shape == (1, 50, 50, 50)
+    # Per-axis values are (x, y, z); the input shape is (channels, z, y, x).
+    cfg = PreprocessConfig(patch_size=(64, 48, 32), spacing_mm=[0.8, 0.8, 2.0], clip_hu=(-1000, 1000), channels=3)
+    assert cfg.input_shape == (3, 32, 48, 64)
+    back = PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.spacing_xyz == (0.8, 0.8, 2.0) and back.clip_hu == (-1000.0, 1000.0)
+    assert PreprocessConfig(patch_size=(50, 50, 50)) == PreprocessConfig(patch_size=50)  # one spelling
+    for bad in ({"patch_size": (50, 50)}, {"spacing_mm": (1, 0, 1)}, {"clip_hu": (100, -100)}, {"channels": 0},
+                {"patch_size": 50.5}):
+        with pytest.raises(ValueError):
+            PreprocessConfig(**bad)

@@ -281,7 +281,8 @@ def test_configs_with_impossible_preprocessing_values_are_refused(tiny_model_dir
 
     for key, value, message in [("hu_scale", float("nan"), "hu_scale must be a finite number"),
                                 ("hu_scale", -3072.0, "hu_scale must be positive"),
-                                ("patch_size", 100000, "patch_size must be an integer from 1 to")]:
+                                ("patch_size", 100000, "patch_size must be from 1 to 256 voxels per axis"),
+                                ("clip_hu", [400, -400], "clip_hu must be")]:
         folder = tmp_path / f"{key}{value}"
         shutil.copytree(tiny_model_dir, folder)
         config = json.loads((folder / "config.json").read_text())

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..exceptions import WeightsError
+from ..preprocessing import PreprocessConfig
 from . import resnet3d  # noqa: F401  (the MONAI ResNet family: registers its builder and models)
 from .architectures import build_architecture
 from .checkpoints import (
@@ -43,6 +44,7 @@ __all__ = [
     "build_model",
     "ResolvedWeights",
     "load_head",
+    "model_contract",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,9 +85,9 @@ def _weights_in_folder(folder: Path) -> tuple[Path, ModelConfig | None]:
 
 def _check_output_width(model: nn.Module, config: ModelConfig, source: str) -> None:
     """The encoder's real output width must be the config's ``num_features`` (run on the meta device: no compute)."""
-    n = int(config.preprocess.patch_size)
     with torch.device("meta"), torch.no_grad():
-        shape = tuple(model.to("meta")(torch.empty(1, 1, n, n, n)).shape) if _all_meta(model) else None
+        x = torch.empty(1, *config.preprocess.input_shape)
+        shape = tuple(model.to("meta").eval()(x).shape) if _all_meta(model) else None
     if shape is not None and (len(shape) != 2 or shape[1] != config.num_features):
         raise WeightsError(f"{source}: the config says {config.num_features} features, but the encoder "
                            f"{config.architecture} {dict(config.model_args)} gives output of shape {shape}")
@@ -234,6 +236,14 @@ def create_model(
     UnknownModelError, WeightsError
     """
     return build_model(resolve_weights(name, pretrained=pretrained, weights=weights, revision=revision), device)
+
+
+def model_contract(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None = None) -> PreprocessConfig:
+    """The input contract of a model without loading (or downloading) its weights: from a local weights
+    folder's ``config.json`` when ``weights`` is given, else from the registry (or a Hub repository's config)."""
+    if weights is None and not name.startswith("hf-hub:"):
+        return get_model_config(name).preprocess
+    return resolve_weights(name, weights=weights).config.preprocess
 
 
 def load_model(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None = None,

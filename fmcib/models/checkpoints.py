@@ -198,8 +198,13 @@ def save_hub_layout(
     out_dir: str | os.PathLike,
     heads: Mapping[str, torch.Tensor] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (+ ``head.safetensors``) into ``out_dir``, atomically per file."""
+    """Write ``config.json`` + ``model.safetensors`` (+ ``head.safetensors``) into ``out_dir``, atomically per file.
+
+    ``provenance`` (a converted checkpoint's file and hash) goes to ``converted_from``; ``extra`` adds top-level
+    keys to config.json (a fine-tune's ``head`` and ``training`` records).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -212,6 +217,7 @@ def save_hub_layout(
     data = config.to_dict()
     if provenance:
         data["converted_from"] = dict(provenance)
+    data.update(extra or {})
     with atomic_path(out / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
     return out

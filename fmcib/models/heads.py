@@ -19,9 +19,22 @@ from torch import nn
 from ..exceptions import WeightsError
 from .checkpoints import HEAD_WEIGHTS_NAME, load_state_dict_strict, read_checkpoint
 
-__all__ = ["build_head", "load_head"]
+__all__ = ["build_head", "load_head", "new_head"]
 
 _HEAD_KEY = re.compile(r"(\d+)\.0\.(weight|bias)")
+
+
+def new_head(num_features: int, num_classes: int, kind: str = "linear") -> nn.Sequential:
+    """A freshly initialised head in the layout above: ``"linear"`` ``[D, classes]`` or ``"mlp"``
+    ``[D, D // 2, classes]`` (fmcib 1.0.0's ``[4096, 2048, C]`` for the published encoder)."""
+    if kind not in ("linear", "mlp"):
+        raise ValueError(f"head must be 'linear' or 'mlp', got {kind!r}")
+    widths = [int(num_features), *([int(num_features) // 2] if kind == "mlp" else []), int(num_classes)]
+    blocks = []
+    for i in range(len(widths) - 1):
+        linear = nn.Linear(widths[i], widths[i + 1])
+        blocks.append(nn.Sequential(linear, nn.ReLU()) if i < len(widths) - 2 else nn.Sequential(linear))
+    return nn.Sequential(*blocks)
 
 
 def build_head(state: Mapping[str, torch.Tensor], source: str = "head") -> nn.Sequential:

@@ -1,0 +1,30 @@
+"""Training: one engine (:class:`Trainer`) for every method, its data and optimisers, and full fine-tuning.
+
+Runs on one CPU/GPU/MPS, or on several processes under ``torchrun`` (DistributedDataParallel).
+"""
+
+from .data import Augmentation, PatchDataset, read_crops
+from .distributed import DistributedContext, init_distributed
+from .engine import Trainer, TrainingConfig, TrainingResult, TrainingTask
+from .finetune import ClassificationTask, Classifier, FineTuneResult, finetune, predict, read_finetuned
+from .optim import LARS, lr_factor
+
+__all__ = [
+    "Augmentation",
+    "PatchDataset",
+    "read_crops",
+    "DistributedContext",
+    "init_distributed",
+    "Trainer",
+    "TrainingConfig",
+    "TrainingResult",
+    "TrainingTask",
+    "ClassificationTask",
+    "Classifier",
+    "FineTuneResult",
+    "finetune",
+    "predict",
+    "read_finetuned",
+    "LARS",
+    "lr_factor",
+]

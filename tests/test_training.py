@@ -1,0 +1,222 @@
+"""The training engine (schedule, LARS, exact resume, DDP under torchrun), training patches, and fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training_toys import NoisyPoints, PointsTask, ddp_settings  # noqa: E402
+
+from fmcib.training import LARS, Trainer, TrainingConfig, lr_factor  # noqa: E402
+from fmcib.training.engine import BEST_NAME, CHECKPOINT_DIR, METRICS_NAME, STATE_NAME  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _best(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / CHECKPOINT_DIR / BEST_NAME))
+
+
+def test_schedule_is_linear_warmup_then_cosine():
+    cfg = TrainingConfig(epochs=10, warmup_epochs=2, schedule="cosine", min_lr_ratio=0.1)
+    steps = 5  # per epoch: 10 warm-up steps, then 40 of cosine
+    assert lr_factor(0, cfg, steps) == pytest.approx(1 / 10)
+    assert lr_factor(9, cfg, steps) == pytest.approx(1.0)
+    assert lr_factor(10, cfg, steps) == pytest.approx(1.0)
+    assert lr_factor(30, cfg, steps) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
+    assert lr_factor(50, cfg, steps) == pytest.approx(0.1)
+    step = TrainingConfig(epochs=10, schedule="step", step_epochs=3, step_gamma=0.5)
+    assert [lr_factor(s, step, 2) for s in (0, 5, 6, 12)] == pytest.approx([1, 1, 0.5, 0.25])
+
+
+def test_lars_scales_each_layer_by_its_trust_ratio():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([2.0])  # |g| = 1
+    LARS([w, b], lr=0.1, momentum=0.0, eta=0.01).step()
+    # weight: lr * eta * |w| / |g| * g = 0.1 * 0.05 * g; bias (1-D): plain SGD
+    assert torch.allclose(w.detach(), torch.tensor([[3.0 - 0.005 * 0.6, 4.0 - 0.005 * 0.8]]))
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.2]))
+
+
+def test_runs_are_seeded_and_resume_exactly_after_an_interrupt(tmp_path):
+    cfg = TrainingConfig(epochs=4, batch_size=4, lr=0.05, optimizer="sgd", momentum=0.9, warmup_epochs=1,
+                         checkpoint_every=3, seed=3)
+    train, tune = NoisyPoints(30), NoisyPoints(16, augment=False)
+    straight = Trainer(PointsTask(), cfg, tmp_path / "a", device="cpu", progress=False).fit(train, tune)
+    again = Trainer(PointsTask(), cfg, tmp_path / "b", device="cpu", progress=False).fit(train, tune)
+    for k, v in _best(tmp_path / "a").items():
+        assert torch.equal(v, _best(tmp_path / "b")[k]), k
+    # 30 samples / 4 = 7 steps an epoch; stop in the middle of epoch 3 (after 17 steps), then resume
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(PointsTask(fail_at_call=18), cfg, tmp_path / "c", device="cpu", progress=False).fit(train, tune)
+    saved = torch.load(tmp_path / "c" / CHECKPOINT_DIR / STATE_NAME, weights_only=True)
+    assert saved["state"]["global_step"] == 17 and saved["state"]["epoch"] == 2
+    resumed = Trainer(PointsTask(seed=99), cfg, tmp_path / "c", device="cpu", progress=False).fit(train, tune,
+                                                                                                resume=True)
+    final_a, final_c = _best(tmp_path / "a"), _best(tmp_path / "c")
+    for k, v in final_a.items():
+        assert torch.equal(v, final_c[k]), k
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in straight.history]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in resumed.history]
+    metrics = pd.read_csv(tmp_path / "c" / METRICS_NAME)
+    assert metrics["epoch"].tolist() == [1, 2, 3, 4] and "tune_accuracy" in metrics
+    assert again.best_epoch == straight.best_epoch
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    from fmcib.exceptions import FmcibError
+
+    cfg = TrainingConfig(epochs=1, batch_size=4, lr=0.05)
+    Trainer(PointsTask(), cfg, tmp_path, device="cpu", progress=False).fit(NoisyPoints(8))
+    other = TrainingConfig(epochs=2, batch_size=4, lr=0.01)
+    with pytest.raises(FmcibError, match=r"lr: 0.05 then, 0.01 now"):
+        Trainer(PointsTask(), other, tmp_path, device="cpu", progress=False).fit(NoisyPoints(8), resume=True)
+    with pytest.raises(FmcibError, match="nothing to resume"):
+        Trainer(PointsTask(), cfg, tmp_path / "new", device="cpu", progress=False).fit(NoisyPoints(8), resume=True)
+
+
+def test_two_gloo_processes_under_torchrun_equal_one_process_with_twice_the_batch(tmp_path):
+    """DDP averages the ranks' gradients: 2 ranks of batch 4 take the same steps as 1 process of batch 8."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env.pop("WORLD_SIZE", None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(HERE / "training_toys.py"), str(tmp_path / "ddp"), "4"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    Trainer(PointsTask(batchnorm=False), ddp_settings(8), tmp_path / "one", device="cpu",
+            progress=False).fit(NoisyPoints(augment=False))
+    ddp, one = _best(tmp_path / "ddp"), _best(tmp_path / "one")
+    assert set(ddp) == set(one)
+    for k in one:
+        assert torch.allclose(ddp[k], one[k], atol=1e-6), k
+    assert not torch.equal(one["0.weight"], PointsTask(batchnorm=False).model[0].weight.detach())  # it trained
+    saved = torch.load(tmp_path / "ddp" / CHECKPOINT_DIR / STATE_NAME, weights_only=True)
+    assert saved["world_size"] == 2 and len(saved["rng"]) == 2
+
+
+# -- training patches and fine-tuning -------------------------------------------------------------------
+
+def _bright_lesions(folder: Path, scans: int, seed0: int = 0) -> pd.DataFrame:
+    """Synthetic scans whose odd lesions are 500 HU brighter: the label ``bright`` is visible in the image."""
+    import SimpleITK as sitk
+
+    from fmcib.datasets import make_synthetic_ct
+
+    frames = []
+    for k in range(seed0, seed0 + scans):
+        ct = make_synthetic_ct(size=(80, 80, 40), spacing=(1.0, 1.0, 2.0), n_lesions=10, lesion_radius_mm=(7, 11),
+                               random_state=k)
+        bright = np.arange(10) % 2 == 1
+        arr, lab = sitk.GetArrayFromImage(ct.image), sitk.GetArrayFromImage(ct.mask)
+        for i in np.flatnonzero(bright):
+            arr[lab == i + 1] += 500
+        image = sitk.GetImageFromArray(arr)
+        image.CopyInformation(ct.image)
+        ct.image = image
+        ct.seeds["bright"] = bright.astype(int)
+        frames.append(ct.save(folder, f"case{k}"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_training_patches_are_the_extraction_patches_and_augment_reproducibly(synthetic_cases):
+    from fmcib.preprocessing import PreprocessConfig, preprocess
+    from fmcib.training import Augmentation, PatchDataset, read_crops
+
+    cfg = PreprocessConfig(patch_size=(20, 24, 16), spacing_mm=(1.0, 1.5, 2.0), channels=2)
+    aug = Augmentation(translate_voxels=3, rotate90=True)
+    rows, crops, errors = read_crops(synthetic_cases, cfg, margin=aug.margin(cfg))
+    assert not errors and rows.tolist() == list(range(len(synthetic_cases)))
+    plain = PatchDataset(crops, cfg, margin=aug.margin(cfg))
+    for i in (0, 5):
+        rec = synthetic_cases.iloc[i]
+        expected = preprocess(rec["image_path"], (rec["coordX"], rec["coordY"], rec["coordZ"]), model=cfg)
+        assert expected.shape == (2, 16, 24, 20)
+        assert torch.equal(plain[i]["input"], expected)
+    augmented = PatchDataset(crops, cfg, augmentation=aug, seed=1)
+    first = augmented[3]["input"]
+    assert first.shape == (2, 16, 24, 20) and torch.equal(first, augmented[3]["input"])
+    augmented.set_epoch(1)
+    assert not torch.equal(first, augmented[3]["input"])
+    # translations, flips and rotations by 90 degrees only move voxels: the sample is a window of the crop
+    window = crops[3]
+    assert float(first.min()) >= float(window.min()) and float(first.max()) <= float(window.max())
+    assert not torch.equal(first, plain[3]["input"])
+
+
+def test_finetune_learns_a_visible_label_and_its_folder_extracts_and_predicts(tmp_path):
+    from fmcib import extract_features
+    from fmcib.evaluation import auc
+    from fmcib.models import create_model
+    from fmcib.training import Augmentation, finetune, predict
+
+    torch.set_num_threads(2)
+    data = _bright_lesions(tmp_path / "data", 9)
+    test = data[data["image_path"].str.contains("case[78]_", regex=True)]
+    train = data.drop(test.index).reset_index(drop=True)
+    train["is_tune"] = train.index % 5 == 0
+    train.loc[train.index[-1], "bright"] = np.nan  # a row without a label: left out and counted
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test.to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "tuned"
+    result = finetune(tmp_path / "train.csv", "bright", out, tune_col="is_tune", model="resnet10_3d.random",
+                      epochs=20, batch_size=8, lr=3e-4, optimizer="adamw", augmentation=Augmentation(translate_voxels=3),
+                      patch_size=24, spacing_mm=2.0, progress=False)
+    assert result.counts["unlabelled"] == 1 and result.counts["train"] + result.counts["tune"] == 69
+    assert result.classes == [0, 1]
+    preds = predict(tmp_path / "test.csv", out, progress=False, num_workers=0)
+    assert len(preds) == len(test) and preds["prediction"].isin([0, 1]).all()
+    assert np.allclose(preds["prob_0"] + preds["prob_1"], 1.0)
+    assert auc(preds["bright"], preds["prob_1"]) > 0.9
+    # the folder is an encoder for extraction, with the contract it was trained with
+    config = json.loads((out / "config.json").read_text())
+    assert config["preprocess"]["patch_size"] == 24 and config["head"]["classes"] == [0, 1]
+    feats = extract_features(tmp_path / "test.csv", weights=out, progress=False, num_workers=0)
+    encoder = create_model(weights=out, device="cpu")
+    assert encoder.fmcib_config.preprocess.spacing_mm == 2.0 and feats.filter(like="pred_").shape[1] == 512
+    card = (out / "README.md").read_text()
+    assert "Label: `bright`" in card and "without a label" in card and "resnet10_3d.random" in card
+    assert pd.read_csv(out / METRICS_NAME)["epoch"].tolist() == list(range(1, 21))
+
+
+def test_finetune_and_predict_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from fmcib.cli import main
+
+    data = _bright_lesions(tmp_path / "data", 2)
+    data.to_csv(tmp_path / "train.csv", index=False)
+    runner = CliRunner()
+    res = runner.invoke(main, ["finetune", "--csv", str(tmp_path / "train.csv"), "--label", "bright", "--out-dir",
+                               str(tmp_path / "tuned"), "--model", "resnet10_3d.random", "--epochs", "1",
+                               "--batch-size", "4", "--patch-size", "16", "--spacing", "3", "--fraction", "0.5",
+                               "--head", "mlp", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert config["head"]["widths"] == [512, 256, 2] and config["training"]["fraction"] == 0.5
+    assert config["training"]["counts"]["train"] == 8  # half of the 16 training rows, stratified
+    bad = data.copy()
+    bad.loc[0, "image_path"] = str(tmp_path / "missing.nii.gz")
+    bad.to_csv(tmp_path / "test.csv", index=False)
+    res = runner.invoke(main, ["predict", "--csv", str(tmp_path / "test.csv"), "--model", str(tmp_path / "tuned"),
+                               "--out", str(tmp_path / "preds.csv"), "--num-workers", "0", "--no-progress"])
+    assert res.exit_code == 3, res.output
+    preds = pd.read_csv(tmp_path / "preds.csv")
+    assert len(preds) == len(data) - 1 and {"prob_0", "prob_1", "prediction", "bright"} <= set(preds.columns)
+    errors = pd.read_csv(tmp_path / "preds.errors.csv")
+    assert errors["fmcib_row"].tolist() == [0] and "missing.nii.gz" in errors["fmcib_error"][0]
+    res = runner.invoke(main, ["finetune", "--csv", str(tmp_path / "train.csv"), "--label", "nope", "--out-dir",
+                               str(tmp_path / "x"), "--model", "resnet10_3d.random"])
+    assert res.exit_code != 0 and "--label" in res.output and "nope" in res.output
