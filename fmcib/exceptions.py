@@ -23,6 +23,10 @@ class FmcibError(Exception):
         super().__init__(message)
         self.cli = cli
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        # keep ``cli`` when an error travels between processes (a torchrun rank reports it to the others)
+        return type(self), (str(self), self.cli)
+
 
 class TableError(FmcibError, ValueError):
     """The seeds table is unusable as a whole (missing columns, unreadable file)."""

@@ -221,7 +221,16 @@ class OutputLock:
             return None
         except PermissionError:
             return pid
-        return pid
+        return None if _is_zombie(pid) else pid
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Linux: the process has died and only waits to be reaped (a killed run whose parent died too)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"

@@ -80,7 +80,8 @@ def qc_montage(table: pd.DataFrame | str | os.PathLike, out: str | os.PathLike, 
     list of pathlib.Path
         The files written (atomically).
     """
-    from .extract import ScanDataset, load_seed_table, plan_scans
+    from .scans import ScanDataset, plan_scans
+    from .tables import load_seed_table
 
     df, base_dir, name = load_seed_table(table)
     cfg = contract_of(model)

@@ -1,7 +1,9 @@
-"""Resumable extraction runs to files: checkpoint chunks, errors file, atomic output, ``--resume``."""
+"""Resumable extraction runs to files: checkpoint chunks, errors file, atomic output, ``--resume``, torchrun shards."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -13,8 +15,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .distributed import (
+    DistributedContext,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    on_main_process,
+)
 from .exceptions import FmcibError
-from .extract import BatchResult, FeatureExtractor, RowError, assemble, errors_frame
+from .extract import BatchResult, FeatureExtractor, assemble, errors_frame
 from .files import (
     OutputLock,
     atomic_path,
@@ -24,6 +33,7 @@ from .files import (
     read_table_metadata,
     write_table,
 )
+from .scans import RowError, plan_scans, shard_scans
 from .tables import PADDING_COLUMN, WARNING_COLUMN, feature_matrix, load_seed_table
 
 __all__ = ["RunSummary", "run_extraction", "row_keys", "errors_path", "partial_dir", "saved_rows"]
@@ -154,7 +164,7 @@ def run_extraction(
     overwrite: bool = False,
     cli: bool = False,
 ) -> RunSummary:
-    """Extract features for a seeds table into ``out`` (Parquet or CSV), resumable.
+    """Extract features for a seeds table into ``out`` (Parquet or CSV), resumable, in one process or several.
 
     Every encoder batch is saved atomically as a chunk in ``<out>.partial/``; the final table (input
     rows that succeeded + ``pred_*`` + ``fmcib_padding_fraction`` + ``fmcib_warning``, provenance in Parquet
@@ -164,13 +174,19 @@ def run_extraction(
     second run off the same output while this one works. ``cli=True`` words the errors file for command-line
     users (flags instead of Python keywords).
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the scans are shared between the processes, balanced by seed count
+    (:func:`fmcib.scans.shard_scans`); each process saves its own chunks, and rank 0 checks the output, holds
+    the lock and writes the one table: the same rows, order and values as a single process would. ``out``
+    must be on a file system every process sees. A resume may use another number of processes.
+
     Raises
     ------
     TableError
         Unreadable table, missing or reserved columns, an output name that is not .csv/.parquet (before any work).
     FmcibError
         An output that is an input; saved progress without ``resume`` or ``overwrite``; ``resume`` against
-        output made with other settings or changed since; another run writing the same output.
+        output made with other settings or changed since; another run writing the same output; under
+        torchrun, chunks of another process that rank 0 cannot see.
     """
     out = check_table_output(out)
     df, table_dir, name = load_seed_table(table)  # columns checked before the model loads
@@ -178,56 +194,100 @@ def run_extraction(
     check_outputs({"--csv table": Path(table), "--weights": extractor.weights},
                   {"--out": out, "errors file": errors_path(out), "sidecar": out.with_name(out.name + ".json"),
                    "progress folder": parts})
+    context = init_distributed(extractor.device)
+    extractor = _for_this_process(extractor, context)
     keys = row_keys(df)
     provenance = extractor.provenance(coords)
     provenance["relative_paths_from"] = str(table_dir.resolve()) if table_dir is not None else None
+    provenance = broadcast_object(provenance, context)  # one record (rank 0's clock) for every process
     settings = _settings(provenance)
-    with OutputLock(out):
-        saved = _saved_chunks(parts)
-        if saved and not (resume or overwrite):
-            raise FmcibError(f"'{parts}' holds {len(saved)} saved batch(es) of an interrupted run on '{out}': "
-                             "continue it with --resume, or discard it with --overwrite")
-        done: dict[str, tuple[np.ndarray, float, str]] = {}
-        if resume:
-            if out.is_file():
-                done.update(_previous_output(out, list(df.columns), settings))
-            done.update(_previous_chunks(parts, settings))
-        elif parts.exists():
-            shutil.rmtree(parts)
-        parts.mkdir(parents=True, exist_ok=True)
-        if not _saved_chunks(parts):  # nothing saved yet: record (or replace) this run's settings
-            with atomic_path(parts / "run.json") as tmp:
-                tmp.write_text(json.dumps(provenance))
-        todo = [i for i, k in enumerate(keys) if k not in done]
+    done: dict[str, tuple[np.ndarray, float, str]] = {}
+    with contextlib.ExitStack() as held:
+
+        def prepare() -> tuple[list[int], int]:
+            """Rank 0: lock the output, gather earlier progress; the rows left to do and the next chunk number."""
+            held.enter_context(OutputLock(out))
+            saved = _saved_chunks(parts)
+            if saved and not (resume or overwrite):
+                raise FmcibError(f"'{parts}' holds {len(saved)} saved batch(es) of an interrupted run on '{out}': "
+                                 "continue it with --resume, or discard it with --overwrite")
+            if resume:
+                if out.is_file():
+                    done.update(_previous_output(out, list(df.columns), settings))
+                done.update(_previous_chunks(parts, settings))
+            elif parts.exists():
+                shutil.rmtree(parts)
+            parts.mkdir(parents=True, exist_ok=True)
+            if not _saved_chunks(parts):  # nothing saved yet: record (or replace) this run's settings
+                with atomic_path(parts / "run.json") as tmp:
+                    tmp.write_text(json.dumps(provenance))
+            return [i for i, k in enumerate(keys) if k not in done], len(_saved_chunks(parts))
+
+        todo, chunk_no = on_main_process(prepare, context)
         n_reused = len(df) - len(todo)
+        mine = todo
+        if context.distributed:
+            shard = shard_scans(plan_scans(df, base_dir=table_dir, rows=todo, name=name), context.world_size)
+            mine = sorted(s.row for task in shard[context.rank] for s in task.seeds)
+            logger.info("rank %d of %d: %d scan(s), %d seed(s)", context.rank, context.world_size,
+                        len(shard[context.rank]), len(mine))
+        suffix = f"-rank{context.rank}" if context.distributed else ""
         errors: list[RowError] = []
-        chunk_no = len(_saved_chunks(parts))
-        if todo:
-            for res in extractor.iter_table(df, coords=coords, base_dir=table_dir, rows=todo, name=name):
+        computed: list[str] = []
+        if mine:
+            for res in extractor.iter_table(df, coords=coords, base_dir=table_dir, rows=mine, name=name):
                 if isinstance(res, RowError):
                     errors.append(res)
                     continue
-                _save_chunk(parts / f"chunk-{chunk_no:06d}.npz", res, keys)
+                _save_chunk(parts / f"chunk-{chunk_no:06d}{suffix}.npz", res, keys)
                 chunk_no += 1
                 for r, vec, pad, note in zip(res.rows, res.features, res.padding, res.warnings):
                     done[keys[r]] = (vec, float(pad), str(note))
-        ok_rows = np.array([i for i, k in enumerate(keys) if k in done], dtype=np.int64)
-        d = extractor.num_features
-        feats = np.stack([done[keys[i]][0] for i in ok_rows]) if len(ok_rows) else np.zeros((0, d), np.float32)
-        pads = np.array([done[keys[i]][1] for i in ok_rows], dtype=np.float64)
-        notes = np.array([done[keys[i]][2] for i in ok_rows], dtype=object)
-        result = assemble(df, ok_rows, feats, pads, notes)
-        metadata = {"provenance": provenance, "row_keys": [keys[i] for i in ok_rows], "table": str(table)}
-        write_table(result, out, metadata=metadata)
-        err_file = errors_path(out)
-        if errors:
-            with atomic_path(err_file) as tmp:
-                errors_frame(df, errors, cli=cli).to_csv(tmp, index=False)
-        elif err_file.exists():
-            err_file.unlink()  # stale list from an earlier run on this output whose rows now succeeded
-        shutil.rmtree(parts, ignore_errors=True)
-    return RunSummary(output=out, errors_file=err_file if errors else None, n_rows=len(df),
-                      n_written=len(ok_rows), n_failed=len(errors), n_reused=n_reused)
+                    computed.append(keys[r])
+        errors = [e for rank_errors in gather_objects(errors, context) for e in rank_errors]
+        expected = [k for rank_keys in gather_objects(computed, context) for k in rank_keys]
+
+        def finish() -> RunSummary:
+            """Rank 0: the one output table and errors file, from every process's chunks."""
+            if context.distributed:
+                done.update(_previous_chunks(parts, settings))
+                unseen = [k for k in expected if k not in done]
+                if unseen:
+                    raise FmcibError(f"{len(unseen)} row(s) computed by other processes are not in '{parts}': "
+                                     "--out must be on a file system that every process (every node) sees")
+            ok_rows = np.array([i for i, k in enumerate(keys) if k in done], dtype=np.int64)
+            d = extractor.num_features
+            feats = np.stack([done[keys[i]][0] for i in ok_rows]) if len(ok_rows) else np.zeros((0, d), np.float32)
+            pads = np.array([done[keys[i]][1] for i in ok_rows], dtype=np.float64)
+            notes = np.array([done[keys[i]][2] for i in ok_rows], dtype=object)
+            result = assemble(df, ok_rows, feats, pads, notes)
+            metadata = {"provenance": provenance, "row_keys": [keys[i] for i in ok_rows], "table": str(table)}
+            write_table(result, out, metadata=metadata)
+            err_file = errors_path(out)
+            if errors:
+                with atomic_path(err_file) as tmp:
+                    errors_frame(df, errors, cli=cli).to_csv(tmp, index=False)
+            elif err_file.exists():
+                err_file.unlink()  # stale list from an earlier run on this output whose rows now succeeded
+            shutil.rmtree(parts, ignore_errors=True)
+            return RunSummary(output=out, errors_file=err_file if errors else None, n_rows=len(df),
+                              n_written=len(ok_rows), n_failed=len(errors), n_reused=n_reused)
+
+        return on_main_process(finish, context)
+
+
+def _for_this_process(extractor: FeatureExtractor, context: DistributedContext) -> FeatureExtractor:
+    """Under torchrun: the extractor on this rank's device (``cuda:<LOCAL_RANK>``), progress shown by rank 0 only."""
+    if not context.distributed:
+        return extractor
+    from .models import resolve_device
+
+    changes: dict[str, Any] = {}
+    if resolve_device(extractor.device) != context.device:
+        changes["device"] = str(context.device)
+    if extractor.progress and not context.is_main:
+        changes["progress"] = False
+    return dataclasses.replace(extractor, **changes) if changes else extractor
 
 
 def saved_rows(out: str | os.PathLike) -> int:

@@ -282,7 +282,9 @@ def saliency_maps(
         ``png_path`` and ``error`` (empty when the row succeeded; a row whose files cannot be written fails
         alone). Names longer than 80 characters are shortened, keeping a hash of the whole name.
     """
-    from .extract import FeatureExtractor, ScanDataset, load_seed_table, plan_scans
+    from .extract import FeatureExtractor
+    from .scans import ScanDataset, plan_scans
+    from .tables import load_seed_table
     from .io import write_image
     from .plots import plot_saliency
     from .preprocessing import patch_image

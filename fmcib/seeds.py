@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from .exceptions import SeedError
+from .exceptions import FmcibError, SeedError, TableError
 from .io import ImageGeometry, describe_image, open_scan, read_image
 
-__all__ = ["COORDINATE_SYSTEMS", "to_lps", "check_inside", "mask_centroid", "seeds_from_mask", "grid_differences"]
+__all__ = ["COORDINATE_SYSTEMS", "to_lps", "check_inside", "mask_centroid", "seeds_from_mask", "seeds_from_table",
+           "grid_differences"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +223,65 @@ def seeds_from_mask(
             )
     return pd.DataFrame(rows, columns=["image_path", "coordX", "coordY", "coordZ", "label", "component",
                                        "volume_ml", "mask_path"])
+
+
+def seeds_from_table(
+    table: str | os.PathLike | pd.DataFrame,
+    label: int | None = None,
+    all_labels: bool = False,
+    components: bool = False,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Seeds for every row of a pyradiomics-style table (``Image``, ``Mask``[, ``Label``]).
+
+    Each row's mask gives its seed(s) as :func:`seeds_from_mask` does; the row's other columns (patient or
+    lesion ids) are carried to its seeds. Relative paths are taken from the table's folder.
+
+    Parameters
+    ----------
+    table : path or pandas.DataFrame
+        CSV/Parquet or DataFrame with ``Image`` and ``Mask`` columns, optionally ``Label``.
+    label : int, optional
+        Label for every row (default: the row's ``Label``, else 1).
+    all_labels : bool, default=False
+        One seed per non-zero label of each mask instead.
+    components : bool, default=False
+        One seed per connected component.
+
+    Returns
+    -------
+    seeds : pandas.DataFrame
+        Carried columns, then those of :func:`seeds_from_mask`.
+    failures : list of str
+        One line per row that gave no seed (``row i: 'mask': reason``); the other rows are kept.
+
+    Raises
+    ------
+    TableError
+        ``Image`` or ``Mask`` missing.
+    SeedError
+        No row gave a seed (the message lists why).
+    """
+    from .tables import load_seed_table, resolve_path
+
+    df, base, name = load_seed_table(table)
+    missing = [c for c in ("Image", "Mask") if c not in df.columns]
+    if missing:
+        raise TableError(f"{name}: missing column(s) {missing} (a mask table has Image, Mask[, Label])")
+    frames, failures = [], []
+    for i, rec in df.reset_index(drop=True).iterrows():
+        row_label = label if label is not None else (
+            int(rec["Label"]) if "Label" in df.columns and not pd.isna(rec["Label"]) else 1)
+        carried = {c: rec[c] for c in df.columns if c not in ("Image", "Mask", "Label")}
+        mask = resolve_path(rec["Mask"], base)
+        try:
+            found = seeds_from_mask(mask, image=resolve_path(rec["Image"], base),
+                                    label=None if all_labels else row_label, components=components)
+        except FmcibError as exc:
+            failures.append(f"row {i}: '{mask}': {exc}")
+            continue
+        for k, (col, value) in enumerate(c for c in carried.items() if c[0] not in found.columns):
+            found.insert(k, col, value)
+        frames.append(found)
+    if not frames:  # nothing to write: say why instead of leaving an empty table behind
+        raise SeedError("no seeds: " + "; ".join(failures))
+    return pd.concat(frames, ignore_index=True), failures

@@ -68,7 +68,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(synthetic_cases, tiny_mode
     assert _cli("extract", *args, "--out", str(full)).exit_code == 0
 
     out = tmp_path / "resumed.parquet"
-    cmd = [sys.executable, "-m", "fmcib.cli", "extract", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "fmcib", "extract", *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     deadline = time.time() + 120
     while time.time() < deadline and len(list(partial_dir(out).glob("chunk-*.npz"))) < 5:
@@ -174,3 +174,83 @@ def test_example_script_runs_offline():
                           env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     assert "STS_019_x+10" in done.stdout and "wrote" in done.stdout
+
+
+def test_shards_are_whole_scans_balanced_by_seed_count():
+    from fmcib.scans import ScanTask, SeedRow, shard_scans
+
+    sizes = [5, 1, 3, 3, 2, 1]
+    row = iter(range(100))
+    tasks = [ScanTask(f"s{i}", None, tuple(SeedRow(next(row)) for _ in range(n))) for i, n in enumerate(sizes)]
+    shards = shard_scans(tasks, 2)
+    assert sorted(t.image for shard in shards for t in shard) == sorted(t.image for t in tasks)  # each scan once
+    assert [sum(len(t.seeds) for t in s) for s in shards] == [8, 7]  # 5+2+1 | 3+3+1: greedy, largest first
+    assert [[t.image for t in s] for s in shards] == [["s0", "s4", "s5"], ["s1", "s2", "s3"]]  # table order kept
+    assert shard_scans(tasks[:1], 3)[1:] == [[], []]  # more processes than scans: the others idle
+
+
+def _torchrun(*args: str, nproc: int = 2, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "fmcib", *args]
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _parent_pid(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_torchrun_extract_shards_scans_and_writes_the_single_process_table(synthetic_cases, tiny_model_dir,
+                                                                           tmp_path):
+    table = _many_rows(synthetic_cases, 36)
+    table.loc[len(table)] = [str(tmp_path / "missing.nii.gz"), 0.0, 0.0, 0.0, 1, "L999"]  # a failing row
+    table.to_csv(tmp_path / "seeds.csv", index=False)
+    args = ["--csv", str(tmp_path / "seeds.csv"), "--weights", str(tiny_model_dir), "--batch-size", "1",
+            "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    one = tmp_path / "one.csv"
+    torch.set_num_threads(1)  # as each torchrun process runs
+    assert _cli("extract", *args, "--out", str(one)).exit_code == 3
+
+    two = tmp_path / "two.csv"
+    run = _torchrun("-v", "extract", *args, "--out", str(two))
+    # Rank 0 exits with the status of the whole run (3: some rows failed); torchrun reports it as a failure.
+    assert run.returncode == 1 and "exitcode  : 3" in run.stderr, run.stderr[-3000:]
+    assert "rank 0 of 2: 2 scan(s), 24 seed(s)" in run.stderr and "rank 1 of 2: 2 scan(s), 13 seed(s)" in run.stderr
+    assert run.stderr.count("wrote 36 of 37 rows") == 1  # rank 0 reports for all
+    pd.testing.assert_frame_equal(pd.read_csv(two), pd.read_csv(one))  # same rows, order and values
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two.errors.csv"), pd.read_csv(tmp_path / "one.errors.csv"))
+    assert not partial_dir(two).exists() and not Path(f"{two}.lock").exists()
+
+    # Killed mid-way, the ranks' chunks stay; a resume with another number of processes reuses them.
+    killed = tmp_path / "killed.csv"
+    proc = _torchrun("extract", *args, "--out", str(killed), wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and min(len(list(partial_dir(killed).glob(f"chunk-*-rank{r}.npz")))
+                                         for r in (0, 1)) < 3:
+        time.sleep(0.01)
+    ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+             and _parent_pid(p) == proc.pid]  # torchrun starts its workers in sessions of their own
+    for pid in [*ranks, proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    while time.time() < deadline and any(_state(pid) not in ("Z", None) for pid in ranks):
+        time.sleep(0.01)  # SIGKILL takes a moment
+    saved = {p.name.rsplit("-", 1)[1] for p in partial_dir(killed).glob("chunk-*.npz")}
+    assert saved == {"rank0.npz", "rank1.npz"} and not killed.exists(), f"not interrupted mid-way: {saved}"
+    resumed = _cli("extract", *args, "--out", str(killed), "--resume")
+    assert resumed.exit_code == 3 and "reused)" in resumed.output, resumed.output
+    pd.testing.assert_frame_equal(pd.read_csv(killed), pd.read_csv(one))

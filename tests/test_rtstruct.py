@@ -105,7 +105,7 @@ def test_tables_and_seeds_accept_an_rtstruct_as_mask(shared_data, tmp_path):
     from click.testing import CliRunner
 
     from fmcib.cli import main
-    from fmcib.extract import ScanDataset, plan_scans
+    from fmcib.scans import ScanDataset, plan_scans
     from fmcib.preprocessing import PreprocessConfig
 
     case = shared_data / "ibsi_sts_ct" / "dicom_example" / "STS_019" / "CT"
@@ -190,7 +190,7 @@ def test_seg_bad_input_and_the_seeds_command(shared_data, tmp_path):
 
 
 def test_a_table_row_can_name_a_seg_segment(shared_data, tmp_path):
-    from fmcib.extract import ScanDataset, plan_scans
+    from fmcib.scans import ScanDataset, plan_scans
     from fmcib.preprocessing import PreprocessConfig
 
     folder, mask = _write_seg(shared_data, tmp_path / "seg.dcm")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 
 torch = pytest.importorskip("torch")
 
@@ -217,6 +218,17 @@ def test_finetune_and_predict_from_the_command_line(tmp_path):
     assert len(preds) == len(data) - 1 and {"prob_0", "prob_1", "prediction", "bright"} <= set(preds.columns)
     errors = pd.read_csv(tmp_path / "preds.errors.csv")
     assert errors["fmcib_row"].tolist() == [0] and "missing.nii.gz" in errors["fmcib_error"][0]
+    # the folder explains itself: its encoder as --weights, its head as --head; the maps explain the class
+    # that predict chose for each row (two code paths: the Classifier, and the head read back by load_head)
+    res = runner.invoke(main, ["saliency", "--csv", str(tmp_path / "test.csv"), "--weights", str(tmp_path / "tuned"),
+                               "--head", str(tmp_path / "tuned"), "--out-dir", str(tmp_path / "maps"), "--n-samples",
+                               "2", "--num-workers", "0", "--no-progress"])
+    assert res.exit_code == 3, res.output  # the missing scan again
+    maps = pd.read_csv(tmp_path / "maps" / "saliency.csv").query("error.isna()", engine="python")
+    assert len(maps) == len(preds)
+    assert maps["explained"].astype(int).tolist() == preds["prediction"].astype(int).tolist()
+    first = sitk.ReadImage(maps["saliency_path"].iloc[0])
+    assert first.GetSize() == (16, 16, 16) and first.GetSpacing() == (3.0, 3.0, 3.0)  # the folder's contract
     res = runner.invoke(main, ["finetune", "--csv", str(tmp_path / "train.csv"), "--label", "nope", "--out-dir",
                                str(tmp_path / "x"), "--model", "resnet10_3d.random"])
     assert res.exit_code != 0 and "--label" in res.output and "nope" in res.output

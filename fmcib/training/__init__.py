@@ -4,7 +4,7 @@ Runs on one CPU/GPU/MPS, or on several processes under ``torchrun`` (Distributed
 """
 
 from .data import Augmentation, PatchDataset, read_crops
-from .distributed import DistributedContext, init_distributed
+from ..distributed import DistributedContext, init_distributed
 from .engine import Trainer, TrainingConfig, TrainingResult, TrainingTask
 from .finetune import ClassificationTask, Classifier, FineTuneResult, finetune, predict, read_finetuned
 from .optim import LARS, lr_factor

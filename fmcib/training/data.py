@@ -1,6 +1,6 @@
 """Training data: seed-point patches cut by the extraction path, with 3D augmentations drawn per sample.
 
-Every scan is read once (the extraction's :class:`~fmcib.extract.ScanDataset`), and each seed's crop is
+Every scan is read once (the extraction's :class:`~fmcib.scans.ScanDataset`), and each seed's crop is
 the model's own patch enlarged by a margin on every side, on the same lattice. Translations move the
 window inside that margin and small rotations / scalings sample inside it, so augmented patches hold
 real CT, never padding invented by the augmentation. Without augmentation a sample is exactly the
@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from ..extract import RowError, ScanDataset, plan_scans
+from ..scans import RowError, ScanDataset, plan_scans
 from ..preprocessing import PreprocessConfig, model_input
 
 __all__ = ["Augmentation", "PatchDataset", "read_crops"]

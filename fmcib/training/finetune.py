@@ -29,7 +29,7 @@ from ..models.checkpoints import CONFIG_NAME, HEAD_WEIGHTS_NAME, save_hub_layout
 from ..models.heads import build_head, new_head
 from ..tables import load_seed_table
 from .data import Augmentation, PatchDataset, read_crops
-from .distributed import init_distributed
+from ..distributed import init_distributed
 from .engine import BEST_NAME, METRICS_NAME, Trainer, TrainingConfig, TrainingTask
 
 __all__ = ["Classifier", "ClassificationTask", "FineTuneResult", "finetune", "predict", "read_finetuned",

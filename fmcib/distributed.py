@@ -8,13 +8,20 @@ function here is the single-process identity, so the same code runs in a noteboo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "init_distributed", "launched_by_torchrun", "broadcast_object", "gather_objects"]
+__all__ = ["DistributedContext", "init_distributed", "launched_by_torchrun", "is_main_process", "broadcast_object", "gather_objects",
+           "on_main_process"]
+
+
+def is_main_process() -> bool:
+    """False only in a torchrun process other than rank 0 (which alone writes messages and files)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def launched_by_torchrun() -> bool:
@@ -53,7 +60,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistributedCon
     ``device`` None/"auto": under torchrun with GPUs, ``cuda:<LOCAL_RANK>``; otherwise as
     :func:`fmcib.models.resolve_device`. A named ``cuda`` device under torchrun also becomes ``cuda:<LOCAL_RANK>``.
     """
-    from ..models import resolve_device
+    from .models import resolve_device
 
     resolved = resolve_device(device)
     if not launched_by_torchrun():
@@ -85,3 +92,27 @@ def gather_objects(obj: Any, context: DistributedContext) -> list[Any]:
     out: list[Any] = [None] * context.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+T = TypeVar("T")
+
+
+def on_main_process(fn: Callable[[], T], context: DistributedContext) -> T:
+    """Run ``fn`` on rank 0 only and give every rank its result, or raise its error on every rank.
+
+    For work that one process must do (take a lock, write the output) and that all must agree on: a failure
+    on rank 0 stops every process with the same message instead of leaving the others waiting.
+    """
+    if not context.distributed:
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    if context.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # handed to every rank below, then raised there
+            error = exc
+    result, error = broadcast_object((result, error), context)
+    if error is not None:
+        raise error
+    return result

@@ -1,0 +1,117 @@
+"""``fmcib finetune`` (full fine-tuning, DDP under torchrun) and ``fmcib predict`` (a fine-tuned model's classes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .common import EXIT_ROWS_FAILED, TABLE, PerAxis, check_device
+
+
+@click.command()
+@click.option("--csv", "table", required=True, type=TABLE, help="Seeds table with a label column.")
+@click.option("--label", required=True, help="Column with the classes (rows without one are left out).")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the fine-tuned model (config.json, model.safetensors, head.safetensors, metrics.csv).")
+@click.option("--tune-col", default=None, help="True/false column marking tuning rows [default: a stratified 20 %].")
+@click.option("--model", default="resnet50_3d.fmcib", show_default=True, help="Starting encoder (registry name).")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Start from local weights (e.g. an earlier fine-tuned folder).")
+@click.option("--random-init", is_flag=True, help="Start from random weights (the supervised baseline).")
+@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]))
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Per process.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw", "lars"]))
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--warmup-epochs", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--accumulate", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per step.")
+@click.option("--clip-grad-norm", default=None, type=click.FloatRange(min=0, min_open=True))
+@click.option("--class-weights", is_flag=True, help="Weight the loss by inverse class frequency.")
+@click.option("--tune-metric", default="auc", show_default=True,
+              type=click.Choice(["auc", "balanced_accuracy", "average_precision"]))
+@click.option("--patience", default=None, type=click.IntRange(min=1), help="Early stopping after N epochs.")
+@click.option("--fraction", default=None, type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Train on a stratified fraction of the training rows (limited-data curves).")
+@click.option("--translate", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Largest random shift per axis, in patch voxels.")
+@click.option("--device", default="auto", show_default=True, callback=check_device)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
+@click.option("--patch-size", default=None, type=PerAxis(int), help="Override the patch size: N or X,Y,Z voxels.")
+@click.option("--spacing", default=None, type=PerAxis(float), help="Override the patch spacing: S or X,Y,Z mm.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its last checkpoint.")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def finetune(ctx: click.Context, table: Path, label: str, out_dir: Path, tune_col: str | None, model: str,
+             weights: Path | None, random_init: bool, head: str, epochs: int, batch_size: int, lr: float,
+             optimizer: str, weight_decay: float, warmup_epochs: float, accumulate: int, clip_grad_norm: float | None,
+             class_weights: bool, tune_metric: str, patience: int | None, fraction: float | None, translate: int,
+             device: str, precision: str, num_workers: int, coords: str, patch_size: Any, spacing: Any, seed: int,
+             resume: bool, no_progress: bool) -> None:
+    """Fine-tune every layer of an encoder with a classification head.
+
+    \b
+    Example:
+      fmcib finetune --csv train.csv --label malignant --tune-col is_tune --out-dir finetuned/
+    Several processes (DDP): torchrun --nproc-per-node 2 -m fmcib finetune ...
+    """
+    from ..training import Augmentation
+    from ..training import finetune as run_finetune
+
+    if random_init and weights is not None:
+        raise click.UsageError("--random-init and --weights exclude each other")
+    result = run_finetune(
+        table, label, out_dir, tune_col=tune_col, model=model, weights=weights, pretrained=not random_init, head=head,
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, accumulate=accumulate, clip_grad_norm=clip_grad_norm,
+        class_weights=class_weights, tune_metric=tune_metric, patience=patience, fraction=fraction,
+        augmentation=Augmentation(translate_voxels=translate), device=None if device == "auto" else device,
+        precision=precision, num_workers=num_workers, seed=seed, resume=resume, coords=coords,
+        patch_size=patch_size, spacing_mm=spacing, progress=not no_progress)
+    from ..distributed import is_main_process
+
+    if is_main_process():
+        best = result.best_metrics.get(f"tune_{tune_metric}")
+        shown = f"tuning {tune_metric} {best:.3f} at epoch {result.best_epoch}" if best is not None else \
+            f"epoch {result.best_epoch} kept"
+        click.echo(f"fine-tuned on {result.counts['train']} rows ({result.counts['tune']} tuning): {shown}; "
+                   f"wrote {out_dir}", err=True)
+
+
+@click.command()
+@click.option("--csv", "table", required=True, type=TABLE, help="Seeds table.")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder written by `fmcib finetune`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".csv or .parquet")
+@click.option("--device", default="auto", show_default=True, callback=check_device)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--num-workers", default=None, type=click.IntRange(min=0))
+@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def predict(ctx: click.Context, table: Path, model_dir: Path, out: Path, device: str, batch_size: int,
+            num_workers: int | None, coords: str, no_progress: bool) -> None:
+    """Class probabilities (prob_<class>) and prediction of a fine-tuned model, with the input columns.
+
+    Rows that fail are listed in <out stem>.errors.csv and the exit status is 3.
+    """
+    from ..files import check_outputs, check_table_output, write_table
+    from ..runs import errors_path
+    from ..training import predict as run_predict
+
+    check_table_output(out)
+    check_outputs({"--csv": table}, {"--out": out})
+    preds, errors = run_predict(table, model_dir, device=None if device == "auto" else device, batch_size=batch_size,
+                                num_workers=num_workers, coords=coords, progress=not no_progress,
+                                return_errors=True)
+    write_table(preds, out, metadata=preds.attrs.get("fmcib"))
+    click.echo(f"wrote {len(preds)} prediction(s) to {out}", err=True)
+    if len(errors):
+        write_table(errors, errors_path(out))
+        click.echo(f"{len(errors)} row(s) failed; reasons in {errors_path(out)}", err=True)
+        ctx.exit(EXIT_ROWS_FAILED)
