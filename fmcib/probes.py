@@ -24,14 +24,19 @@ from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import (
+    check_consistent_length,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 
 from ._version import __version__
 from .evaluation import score_metric
 from .files import atomic_path
 from .tables import feature_matrix
 
-__all__ = ["LogisticProbe", "feature_matrix", "complete_rows", "drop_missing", "limited_data_curve", "load_probe",
+__all__ = ["LogisticProbe", "fit_probe", "feature_matrix", "complete_rows", "drop_missing", "limited_data_curve", "load_probe",
            "encoder_of", "prediction_table"]
 
 log = logging.getLogger(__name__)
@@ -362,6 +367,60 @@ def load_probe(path: str | os.PathLike) -> LogisticProbe:
     probe.pipeline_ = Pipeline([("scaler", scaler), ("logistic", logistic)])
     probe.encoder_ = doc.get("encoder")
     return probe
+
+
+def fit_probe(
+    table: pd.DataFrame,
+    label: str,
+    *,
+    tune_col: str | None = None,
+    split_col: str | None = None,
+    probe: LogisticProbe | None = None,
+    name: str = "table",
+) -> LogisticProbe:
+    """Fit a probe on a features table's rows that have a label.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``pred_*`` features (as :func:`fmcib.extract_features` writes them) and the label column.
+    label : str
+        Column holding the classes; rows without one are left out.
+    tune_col : str, optional
+        Truthy for rows that only tune the hyper-parameters (the others fit); default: stratified CV.
+    split_col : str, optional
+        Instead of ``tune_col``: ``train`` / ``tune`` / ``test`` per row; test rows play no part at all.
+    probe : LogisticProbe, optional
+        The unfitted probe with its settings (default: ``LogisticProbe()``).
+    name : str
+        How messages name the table.
+
+    Raises
+    ------
+    TableError
+        A named column is missing.
+    ValueError
+        Both ``tune_col`` and ``split_col``.
+    """
+    from .exceptions import TableError
+
+    if tune_col and split_col:
+        raise ValueError("give tune_col or split_col, not both")
+    for col in [label] + [c for c in (tune_col, split_col) if c]:
+        if col not in table.columns:
+            raise TableError(f"{name}: no column {col!r} (columns: {list(table.columns)[:20]})")
+    table = table[table[label].notna()]
+    if split_col:  # the test rows play no part in fitting or tuning
+        split = table[split_col].astype(str).str.lower()
+        table, tune = table[split.isin(["train", "tune"])], (split[split.isin(["train", "tune"])] == "tune")
+    elif tune_col:
+        tune = table[tune_col].fillna(False).astype(bool)
+    model = probe if probe is not None else LogisticProbe()
+    X, y = feature_matrix(table), table[label].to_numpy()
+    if split_col or tune_col:
+        mask = tune.to_numpy()
+        return model.fit(X[~mask], y[~mask], X_tune=X[mask], y_tune=y[mask])
+    return model.fit(X, y)
 
 
 def encoder_of(provenance: Any) -> dict[str, Any] | None:

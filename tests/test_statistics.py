@@ -8,16 +8,34 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    roc_auc_score,
+)
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import label_binarize
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from fmcib.evaluation import auc, balanced_accuracy, bootstrap_ci, mean_average_precision, permutation_test
+from fmcib.evaluation import (
+    auc,
+    balanced_accuracy,
+    bootstrap_ci,
+    mean_average_precision,
+    permutation_test,
+)
+from fmcib.exceptions import FmcibError
 from fmcib.probes import LogisticProbe, limited_data_curve, load_probe
 from fmcib.stability import icc, perturb_seeds, retest_agreement, stable_features
-from fmcib.survival import RiskGroups, concordance, cox_univariate, horizon_labels, logrank, survival_report
+from fmcib.survival import (
+    RiskGroups,
+    concordance,
+    cox_univariate,
+    horizon_labels,
+    logrank,
+    survival_report,
+)
 
 
 def _binary(n=200, seed=0, signal=0.3):
@@ -307,3 +325,19 @@ def test_survival_report_writes_km_plots_and_tables(tmp_path):
     for name in ("km.png", "km.svg", "survival.json", "cox.csv"):
         assert (tmp_path / name).stat().st_size > 0
     assert pd.read_csv(tmp_path / "cox.csv").covariate.tolist() == ["risk_group", "score"]
+
+
+def test_fit_probe_on_a_table_leaves_test_rows_and_unlabelled_rows_out():
+    from fmcib.probes import fit_probe
+
+    X, y = _signal_features(n=120)
+    table = X.assign(label=y.astype(float), split=np.array(["train", "tune", "test"])[np.arange(120) % 3])
+    table.loc[0, "label"] = np.nan  # no label: left out
+    table.loc[table.split == "test", X.columns[:3]] = 1e6  # test rows would wreck the fit if they took part
+    probe = fit_probe(table, "label", split_col="split", probe=LogisticProbe(n_trials=4, random_state=0))
+    train, tune = (table.split == "train") & table.label.notna(), table.split == "tune"
+    twin = LogisticProbe(n_trials=4, random_state=0).fit(X[train], y[train], X_tune=X[tune], y_tune=y[tune])
+    np.testing.assert_allclose(probe.pipeline_[-1].coef_, twin.pipeline_[-1].coef_)
+    assert probe.best_params_ == twin.best_params_
+    with pytest.raises(FmcibError, match="no column 'nope'"):
+        fit_probe(table, "nope")

@@ -46,27 +46,14 @@ def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | No
       fmcib probe fit --features f.parquet --label malignant --split-col split --out probe.json
     """
     from ..files import check_outputs, read_table_metadata
-    from ..probes import LogisticProbe, encoder_of, feature_matrix
+    from ..probes import LogisticProbe, encoder_of, fit_probe
 
     check_outputs({"--features": features}, {"--out": out})
     if tune_col and split_col:
         raise click.UsageError("give --tune-col or --split-col, not both")
-    table = read_input(features)
-    for col in [label] + [c for c in (tune_col, split_col) if c]:
-        if col not in table.columns:
-            raise click.BadParameter(f"column {col!r} not in {features}", param_hint="--label/--tune-col/--split-col")
-    table = table[table[label].notna()]
-    if split_col:  # the test rows play no part in fitting or tuning
-        split = table[split_col].astype(str).str.lower()
-        table = table[split.isin(["train", "tune"])].assign(**{"fmcib_is_tune": split == "tune"})
-        tune_col = "fmcib_is_tune"
-    X, y = feature_matrix(table), table[label].to_numpy()
-    model = LogisticProbe(n_trials=n_trials, penalties=penalties, scoring=scoring, cv=cv, random_state=seed)
-    if tune_col:
-        tune = table[tune_col].fillna(False).astype(bool).to_numpy()
-        model.fit(X[~tune], y[~tune], X_tune=X[tune], y_tune=y[tune])
-    else:
-        model.fit(X, y)
+    model = fit_probe(read_input(features), label, tune_col=tune_col, split_col=split_col,
+                      probe=LogisticProbe(n_trials=n_trials, penalties=penalties, scoring=scoring, cv=cv,
+                                          random_state=seed), name=f"'{features}'")
     model.encoder_ = encoder_of(read_table_metadata(features))
     model.save(out)
     click.echo(f"probe: C={model.best_params_['C']:.3g} ({model.best_params_['penalty']}), tuning "
