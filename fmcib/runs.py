@@ -15,13 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .distributed import (
-    DistributedContext,
-    broadcast_object,
-    gather_objects,
-    init_distributed,
-    on_main_process,
-)
+from .distributed import DistributedContext, broadcast_object, gather_objects, init_distributed, on_main_process
 from .exceptions import FmcibError
 from .extract import BatchResult, FeatureExtractor, assemble, errors_frame
 from .files import (

@@ -283,11 +283,11 @@ def saliency_maps(
         alone). Names longer than 80 characters are shortened, keeping a hash of the whole name.
     """
     from .extract import FeatureExtractor
-    from .scans import ScanDataset, plan_scans
-    from .tables import load_seed_table
     from .io import write_image
     from .plots import plot_saliency
     from .preprocessing import patch_image
+    from .scans import ScanDataset, plan_scans
+    from .tables import load_seed_table
 
     df, table_dir, name = load_seed_table(table)
     base_dir = table_dir if base_dir is None else base_dir

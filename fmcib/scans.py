@@ -19,13 +19,7 @@ import SimpleITK as sitk
 
 from .exceptions import FmcibError
 from .io import ImageGeometry, open_scan, read_image
-from .preprocessing import (
-    PreprocessConfig,
-    extract_patch,
-    model_input,
-    patch_origin,
-    patch_region,
-)
+from .preprocessing import PreprocessConfig, extract_patch, model_input, patch_origin, patch_region
 from .seeds import _validate_coords, check_inside, mask_centroid, to_lps
 from .tables import SERIES_COLUMN, resolve_path, table_kind
 

@@ -8,13 +8,7 @@ from typing import Any
 
 import click
 
-from .common import (
-    EXIT_ROWS_FAILED,
-    TABLE,
-    extraction_options,
-    extractor_from_options,
-    read_input,
-)
+from .common import EXIT_ROWS_FAILED, TABLE, extraction_options, extractor_from_options, read_input
 
 
 @click.group()
@@ -68,12 +62,7 @@ def probe_fit(ctx: click.Context, features: Path, label: str, tune_col: str | No
 @click.pass_context
 def probe_predict(ctx: click.Context, model_path: Path, features: Path, out: Path) -> None:
     """Write every row's class probabilities (prob_<class>) and prediction, with the non-feature columns."""
-    from ..files import (
-        check_outputs,
-        check_table_output,
-        read_table_metadata,
-        write_table,
-    )
+    from ..files import check_outputs, check_table_output, read_table_metadata, write_table
     from ..probes import encoder_of, load_probe, prediction_table
 
     check_table_output(out)
@@ -221,12 +210,7 @@ def stability_select(ctx: click.Context, features: Path, stability_path: Path, t
     Example:
       fmcib stability select --features f.parquet --stability stab.csv --min 0.75 --out f_stable.parquet
     """
-    from ..files import (
-        check_outputs,
-        check_table_output,
-        read_table_metadata,
-        write_table,
-    )
+    from ..files import check_outputs, check_table_output, read_table_metadata, write_table
     from ..probes import feature_matrix
     from ..stability import stable_features
 

@@ -6,12 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import (
-    EXIT_ROWS_FAILED,
-    extraction_options,
-    extractor_from_options,
-    stop_on_sigterm,
-)
+from .common import EXIT_ROWS_FAILED, extraction_options, extractor_from_options, stop_on_sigterm
 
 
 @click.command()

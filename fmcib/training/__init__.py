@@ -3,8 +3,8 @@
 Runs on one CPU/GPU/MPS, or on several processes under ``torchrun`` (DistributedDataParallel).
 """
 
-from .data import Augmentation, PatchDataset, read_crops
 from ..distributed import DistributedContext, init_distributed
+from .data import Augmentation, PatchDataset, read_crops
 from .engine import Trainer, TrainingConfig, TrainingResult, TrainingTask
 from .finetune import ClassificationTask, Classifier, FineTuneResult, finetune, predict, read_finetuned
 from .optim import LARS, lr_factor

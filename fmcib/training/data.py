@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from ..scans import RowError, ScanDataset, plan_scans
 from ..preprocessing import PreprocessConfig, model_input
+from ..scans import RowError, ScanDataset, plan_scans
 
 __all__ = ["Augmentation", "PatchDataset", "read_crops"]
 

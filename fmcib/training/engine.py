@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..files import atomic_path
 from ..distributed import DistributedContext, broadcast_object, gather_objects, init_distributed
+from ..files import atomic_path
 from .optim import build_optimizer, build_schedule
 
 __all__ = ["TrainingConfig", "TrainingTask", "Trainer", "TrainingResult", "STATE_NAME", "BEST_NAME", "METRICS_NAME",

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..distributed import init_distributed
 from ..exceptions import FmcibError
 from ..files import atomic_path
 from ..models import DEFAULT_MODEL, ModelConfig, build_model, resolve_weights
@@ -29,7 +30,6 @@ from ..models.checkpoints import CONFIG_NAME, HEAD_WEIGHTS_NAME, save_hub_layout
 from ..models.heads import build_head, new_head
 from ..tables import load_seed_table
 from .data import Augmentation, PatchDataset, read_crops
-from ..distributed import init_distributed
 from .engine import BEST_NAME, METRICS_NAME, Trainer, TrainingConfig, TrainingTask
 
 __all__ = ["Classifier", "ClassificationTask", "FineTuneResult", "finetune", "predict", "read_finetuned",
