@@ -3,9 +3,9 @@ and :class:`~fmcib.cli.common.Commands` turns the package's errors into one-line
 
     extract    fmcib extract                                 (extract.py)
     seeds      fmcib seeds, fmcib qc                         (seeds.py)
-    weights    fmcib models, fmcib weights convert|download  (weights.py)
+    weights    fmcib models, weights convert|download, hub push (weights.py)
     analysis   fmcib probe, survival, stability, tsne, saliency (analysis.py)
-    training   fmcib finetune, fmcib predict                 (training.py)
+    training   fmcib finetune, predict, pretrain simclr      (training.py)
 """
 
 from __future__ import annotations
@@ -36,5 +36,5 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
 
 for _command in (extract.extract, seeds.seeds, seeds.qc, weights.models_cmd, weights.weights, analysis.probe,
                  analysis.survival, analysis.stability, analysis.tsne, analysis.saliency, training.finetune,
-                 training.predict):
+                 training.predict, training.pretrain, weights.hub):
     main.add_command(_command)

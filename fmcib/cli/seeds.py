@@ -62,8 +62,8 @@ def seeds(ctx: click.Context, mask: Path | None, image: Path | None, table: Path
         click.echo(f"wrote {len(result)} seed(s) to {out}", err=True)
         return
     if mask is not None:
-        result, failed = seeds_from_mask(mask, image=image, label=None if all_labels else (1 if label is None else label),
-                                         components=components), []
+        chosen = None if all_labels else (1 if label is None else label)
+        result, failed = seeds_from_mask(mask, image=image, label=chosen, components=components), []
     else:
         result, failed = seeds_from_table(table, label=label, all_labels=all_labels, components=components)
     write_table(result, out)

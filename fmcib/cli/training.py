@@ -115,3 +115,68 @@ def predict(ctx: click.Context, table: Path, model_dir: Path, out: Path, device:
         write_table(errors, errors_path(out))
         click.echo(f"{len(errors)} row(s) failed; reasons in {errors_path(out)}", err=True)
         ctx.exit(EXIT_ROWS_FAILED)
+
+
+@click.group()
+def pretrain() -> None:
+    """Self-supervised pretraining of an encoder on unlabelled lesions."""
+
+
+@pretrain.command("simclr")
+@click.option("--csv", "table", required=True, type=TABLE, help="Seeds table of the lesions (labels are not needed).")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the pretrained encoder (config.json, model.safetensors, metrics.csv, README.md).")
+@click.option("--model", default="resnet50_3d.random", show_default=True,
+              help="Architecture and starting weights (registry name; *.random: random init).")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Start from local weights (continue pretraining).")
+@click.option("--data-description", default=None, help="What the lesions are (cohort, sites, licence): for the model card.")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Lesions per process.")
+@click.option("--temperature", default=0.1, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--random-negatives", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Random patches per lesion from elsewhere in its scan, as extra negatives.")
+@click.option("--lr", default=0.3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--optimizer", default="lars", show_default=True, type=click.Choice(["lars", "sgd", "adamw"]))
+@click.option("--weight-decay", default=1e-6, show_default=True, type=click.FloatRange(min=0))
+@click.option("--warmup-epochs", default=10.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--accumulate", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--monitor-samples", default=256, show_default=True, type=click.IntRange(min=2),
+              help="Lesions on which collapse monitors are computed every epoch.")
+@click.option("--device", default="auto", show_default=True, callback=check_device)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
+@click.option("--patch-size", default=None, type=PerAxis(int), help="Override the patch size: N or X,Y,Z voxels.")
+@click.option("--spacing", default=None, type=PerAxis(float), help="Override the patch spacing: S or X,Y,Z mm.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its last checkpoint.")
+@click.option("--no-progress", is_flag=True)
+def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | None, data_description: str | None,
+                        epochs: int, batch_size: int, temperature: float, random_negatives: int, lr: float,
+                        optimizer: str, weight_decay: float, warmup_epochs: float, accumulate: int,
+                        monitor_samples: int, device: str, precision: str, num_workers: int, coords: str,
+                        patch_size: Any, spacing: Any, seed: int, resume: bool, no_progress: bool) -> None:
+    """SimCLR as in the paper: two views of each lesion against the batch's other lesions and random patches.
+
+    \b
+    Example:
+      fmcib pretrain simclr --csv pool.csv --out-dir simclr/ --data-description "NLST nodules, 2002-2004"
+    Several processes (DDP, the loss over the global batch): torchrun --nproc-per-node 4 -m fmcib pretrain simclr ...
+    """
+    from ..distributed import is_main_process
+    from ..training.simclr import pretrain_simclr
+
+    result = pretrain_simclr(
+        table, out_dir, model=model, weights=weights, epochs=epochs, batch_size=batch_size, temperature=temperature,
+        random_negatives=random_negatives, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, accumulate=accumulate, monitor_samples=monitor_samples,
+        data_description=data_description, device=None if device == "auto" else device, precision=precision,
+        num_workers=num_workers, seed=seed, resume=resume, coords=coords, patch_size=patch_size, spacing_mm=spacing,
+        progress=not no_progress)
+    if is_main_process():
+        last = result.history[-1] if result.history else {}
+        click.echo(f"pretrained on {result.counts['lesions']} lesions ({result.counts['scans']} scans): last epoch "
+                   f"loss {last.get('train_loss', float('nan')):.4g}, effective rank "
+                   f"{last.get('tune_rankme', float('nan')):.3g}; "
+                   f"wrote {out_dir}", err=True)

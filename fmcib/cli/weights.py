@@ -57,3 +57,29 @@ def weights_download(ctx: click.Context, model: str, revision: str | None) -> No
 
     path, source = resolve_registry_weights(get_model_config(model), revision)
     click.echo(str(path))
+
+
+@click.group()
+def hub() -> None:
+    """Publish trained folders on the Hugging Face Hub."""
+
+
+@hub.command("push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", default=None, help="Branch to upload to (created when missing).")
+@click.option("--message", default=None, help="Commit message.")
+def hub_push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str | None) -> None:
+    """Upload a folder written by fmcib (finetune, pretrain, weights convert) to a Hub model repository.
+
+    \b
+    Example:
+      fmcib hub push simclr/ my-lab/fmcib-simclr-nlst --private
+      fmcib extract --csv seeds.csv --model hf-hub:my-lab/fmcib-simclr-nlst --out features.csv
+    Log in first (huggingface-cli login, or HF_TOKEN). Resume checkpoints are not uploaded.
+    """
+    from ..models.hub import push_to_hub
+
+    url = push_to_hub(folder, repo_id, private=private, revision=revision, commit_message=message)
+    click.echo(f"pushed {folder} to {repo_id}: {url}", err=True)

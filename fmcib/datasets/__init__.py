@@ -1,5 +1,14 @@
 """Datasets: synthetic CT with known lesions (tests, examples, benchmarks, pretraining)."""
 
-from .synthetic import SyntheticCT, make_demo_features, make_synthetic_ct, write_dicom_series
+from .synthetic import (
+    LATENTS,
+    SyntheticCT,
+    make_demo_features,
+    make_latent_ct,
+    make_lesion_benchmark,
+    make_synthetic_ct,
+    write_dicom_series,
+)
 
-__all__ = ["SyntheticCT", "make_synthetic_ct", "write_dicom_series", "make_demo_features"]
+__all__ = ["SyntheticCT", "make_synthetic_ct", "make_latent_ct", "make_lesion_benchmark", "LATENTS",
+           "write_dicom_series", "make_demo_features"]

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-__all__ = ["SyntheticCT", "make_synthetic_ct", "write_dicom_series", "make_demo_features"]
+__all__ = ["SyntheticCT", "make_synthetic_ct", "make_latent_ct", "make_lesion_benchmark", "LATENTS",
+           "write_dicom_series", "make_demo_features"]
 
 # Typical HU levels of the tissues drawn.
 AIR_HU, LUNG_HU, SOFT_TISSUE_HU, BONE_HU = -1000.0, -850.0, 40.0, 700.0
@@ -198,3 +199,104 @@ def make_demo_features(n: int = 300, n_features: int = 16, signal: float = 1.0,
     table["time"] = np.round(rng.exponential(np.where(y == 1, 12.0, 30.0)), 2)
     table["event"] = (rng.random(n) < 0.8).astype(int)
     return table
+
+
+# The independent binary latent variables of :func:`make_latent_ct` lesions, and what each level draws.
+LATENTS: dict[str, str] = {
+    "size": "0: semi-axis 4-5.5 mm; 1: 8-10 mm",
+    "elongation": "0: round; 1: one in-plane axis 1.8x longer, the others 1.3x shorter",
+    "density": "0: 0 HU; 1: 90 HU (the organ around is 40 HU)",
+    "texture": "0: smooth (scanner noise only); 1: coarse internal texture (smoothed noise, SD 35 HU)",
+    "margin": "0: sharp edge; 1: blurred edge (logistic, 1.5 mm wide)",
+}
+
+
+def make_latent_ct(
+    size: Sequence[int] = (96, 96, 40),
+    spacing: Sequence[float] = (1.0, 1.0, 2.0),
+    n_lesions: int = 4,
+    noise_hu: float = 15.0,
+    random_state: int | np.random.Generator | None = None,
+) -> SyntheticCT:
+    """A CT-like scan whose lesions are driven by independent binary latent variables (:data:`LATENTS`).
+
+    A 3D counterpart of the synthetic environment of Li et al.: a soft-tissue body (40 HU) in air, with
+    ``n_lesions`` lesions placed apart from each other; each draws ``size``, ``elongation``, ``density``,
+    ``texture`` and ``margin`` independently with probability 1/2, so a label can only be read from the
+    lesion's own appearance. ``seeds`` holds the LPS centres, ``label`` and the five latents (0/1).
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(random_state)
+    nx, ny, nz = (int(v) for v in size)
+    sp = np.array([float(v) for v in spacing])  # x, y, z
+    zz, yy, xx = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in (nz, ny, nx)), indexing="ij")
+    body = ((xx - (nx - 1) / 2) / (0.46 * nx)) ** 2 + ((yy - (ny - 1) / 2) / (0.42 * ny)) ** 2 <= 1
+    volume = np.where(body, SOFT_TISSUE_HU, AIR_HU).astype(np.float32)
+    labels = np.zeros((nz, ny, nx), np.uint8)
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing(tuple(sp))
+    image.SetOrigin(tuple(-(np.array([nx, ny, nz]) - 1) * sp / 2))
+    rows: list[dict[str, object]] = []
+    centres: list[np.ndarray] = []
+    for i in range(int(n_lesions)):
+        latent = {name: int(rng.random() < 0.5) for name in LATENTS}
+        r = rng.uniform(8.0, 10.0) if latent["size"] else rng.uniform(4.0, 5.5)
+        radii = np.array([r, r, r])
+        if latent["elongation"]:
+            long_axis = int(rng.integers(2))
+            radii = radii / 1.3
+            radii[long_axis] = r * 1.8
+        reach = radii.max() + 4.0  # mm kept inside the body and away from other lesions
+        semi = np.array([0.46 * nx * sp[0], 0.42 * ny * sp[1]]) - reach  # the body's ellipse, shrunk by reach
+        for _ in range(500):
+            centre = rng.uniform(reach / sp, np.array([nx, ny, nz]) - 1 - reach / sp)
+            offset = (centre[:2] - (np.array([nx, ny]) - 1) / 2) * sp[:2]
+            inside = bool(np.all(semi > 0) and np.sum((offset / semi) ** 2) <= 1)
+            far = all(np.linalg.norm((centre - c) * sp) > reach + 14.0 for c in centres)
+            if inside and far:
+                break
+        centres.append(centre)
+        dist = np.sqrt((((xx - centre[0]) * sp[0] / radii[0]) ** 2 + ((yy - centre[1]) * sp[1] / radii[1]) ** 2
+                        + ((zz - centre[2]) * sp[2] / radii[2]) ** 2))
+        edge_mm = (dist - 1.0) * radii.min()  # about the signed distance to the surface, in mm
+        weight = 1 / (1 + np.exp(edge_mm / 0.5)) if not latent["margin"] else 1 / (1 + np.exp(edge_mm / 1.5))
+        value = np.full(volume.shape, 90.0 if latent["density"] else 0.0, np.float32)
+        if latent["texture"]:
+            coarse = ndimage.gaussian_filter(rng.standard_normal(volume.shape).astype(np.float32), sigma=1.2)
+            value += coarse / max(float(coarse.std()), 1e-6) * 35.0
+        volume = (1 - weight) * volume + weight * value
+        labels[dist <= 1] = i + 1
+        point = image.TransformContinuousIndexToPhysicalPoint(tuple(float(c) for c in centre))
+        rows.append({"image_path": "", "coordX": point[0], "coordY": point[1], "coordZ": point[2], "label": i + 1,
+                     **latent})
+    if noise_hu > 0:
+        volume += rng.standard_normal(volume.shape).astype(np.float32) * np.float32(noise_hu)
+    ct = sitk.GetImageFromArray(np.clip(np.rint(volume), -1024, 3071).astype(np.int16))
+    ct.CopyInformation(image)
+    mask = sitk.GetImageFromArray(labels)
+    mask.CopyInformation(image)
+    return SyntheticCT(image=ct, mask=mask, seeds=pd.DataFrame(rows))
+
+
+def make_lesion_benchmark(folder: str | os.PathLike, pool_scans: int = 40, labelled_scans: int = 20,
+                          test_scans: int = 20, lesions_per_scan: int = 4, size: Sequence[int] = (96, 96, 40),
+                          spacing: Sequence[float] = (1.0, 1.0, 2.0), random_state: int = 0) -> dict[str, Path]:
+    """Write the synthetic lesion benchmark: an unlabelled pool, a labelled set and a fixed test set.
+
+    Every scan comes from :func:`make_latent_ct` with its own seed (``random_state`` + a per-split offset),
+    so the three sets share no scan. Returns the seeds tables: ``pool.csv`` (no latent columns: it is for
+    self-supervised pretraining), ``labelled.csv`` and ``test.csv`` (with the five latents), under ``folder``.
+    """
+    out = Path(folder)
+    tables: dict[str, Path] = {}
+    for split, count, offset in (("pool", pool_scans, 0), ("labelled", labelled_scans, 100_000),
+                                 ("test", test_scans, 200_000)):
+        frames = [make_latent_ct(size, spacing, lesions_per_scan, random_state=random_state + offset + k)
+                  .save(out / split, f"{split}{k:04d}") for k in range(count)]
+        table = pd.concat(frames, ignore_index=True).drop(columns=["mask_path"])
+        if split == "pool":
+            table = table.drop(columns=list(LATENTS))
+        tables[split] = out / f"{split}.csv"
+        table.to_csv(tables[split], index=False)
+    return tables

@@ -10,7 +10,8 @@ from ..exceptions import WeightsError
 from .checkpoints import CONFIG_NAME, LEGACY_SUFFIXES, WEIGHTS_NAME, fmcib_cache_dir, sha256_file
 from .registry import ModelConfig
 
-__all__ = ["fmcib_cache_dir", "hub_offline", "download_hub_layout", "resolve_registry_weights", "parse_hub_name"]
+__all__ = ["fmcib_cache_dir", "hub_offline", "download_hub_layout", "resolve_registry_weights", "parse_hub_name",
+           "push_to_hub"]
 
 logger = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors",) + LEGACY_SUFFIXES
@@ -198,3 +199,47 @@ def _verified(path: Path, expected: str | None, source: str) -> Path:
         if actual != expected.lower():
             raise WeightsError(f"{source}: checksum mismatch for '{path}': sha256 {actual}, expected {expected}")
     return path
+
+
+# Left out of an upload: resume state, locks and unfinished writes.
+PUSH_IGNORE = ["checkpoints/*", "*.lock", "*.tmp", ".*"]
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+                commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload a trained folder (``config.json``, ``model.safetensors``, model card, ...) to a Hub model repo.
+
+    The repository is created when missing; with ``revision`` the files go to that branch (created from the
+    default branch when missing). Resume checkpoints are left out. The folder must be one fmcib can load
+    (its config and weights are checked first) and carry a model card (``README.md``): published weights say
+    what data made them. Returns the URL of the commit.
+
+    Raises
+    ------
+    WeightsError
+        Not an fmcib folder, no model card, or the upload failed (the Hub's message is kept).
+    """
+    import json
+
+    from huggingface_hub import HfApi
+
+    path = Path(folder)
+    for needed in (CONFIG_NAME, WEIGHTS_NAME, "README.md"):
+        if not (path / needed).is_file():
+            raise WeightsError(f"'{path}' has no {needed}: push a folder written by fmcib (finetune, pretrain, "
+                               "weights convert), with a model card that names its training data")
+    try:
+        ModelConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"'{path / CONFIG_NAME}' is not an fmcib model config: {exc}") from exc
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        info = api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model", revision=revision,
+                                 commit_message=commit_message or f"Upload {path.name} with fmcib",
+                                 ignore_patterns=PUSH_IGNORE)
+    except Exception as exc:  # noqa: BLE001 - HTTP, auth and network errors all end here with their message
+        raise WeightsError(f"could not push '{path}' to {repo_id}: {exc}") from exc
+    return str(getattr(info, "commit_url", info))

@@ -51,6 +51,8 @@ class Augmentation:
         Standard deviation of Gaussian noise, in HU (applied with p = 0.5).
     histogram_shift : bool, default=False
         MONAI's random histogram shift (non-linear intensity remapping, p = 0.5).
+    blur_sigma : float, default=0
+        Largest Gaussian blur, in patch voxels (sigma drawn in [0.25, blur_sigma] per axis, p = 0.5).
     """
 
     translate_voxels: int = 10
@@ -61,6 +63,7 @@ class Augmentation:
     intensity_shift_hu: float = 0.0
     noise_hu: float = 0.0
     histogram_shift: bool = False
+    blur_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         if self.translate_voxels < 0 or self.rotate_degrees < 0 or not 0 <= self.scale < 1:
@@ -98,6 +101,9 @@ class Augmentation:
             steps.append(mt.RandGaussianNoise(prob=0.5, std=self.noise_hu / config.hu_scale))
         if self.histogram_shift:
             steps.append(mt.RandHistogramShift(num_control_points=10, prob=0.5))
+        if self.blur_sigma:
+            sigma = (0.25, max(0.25, self.blur_sigma))
+            steps.append(mt.RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=0.5))
         return mt.Compose(steps)
 
 

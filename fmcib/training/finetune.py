@@ -9,7 +9,6 @@ encoder's features and :func:`predict` its class probabilities.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import logging
 import os
@@ -24,13 +23,13 @@ from torch import nn
 
 from ..distributed import init_distributed
 from ..exceptions import FmcibError
-from ..files import atomic_path
-from ..models import DEFAULT_MODEL, ModelConfig, build_model, resolve_weights
-from ..models.checkpoints import CONFIG_NAME, HEAD_WEIGHTS_NAME, save_hub_layout
+from ..models import DEFAULT_MODEL, build_model
+from ..models.checkpoints import CONFIG_NAME, HEAD_WEIGHTS_NAME
 from ..models.heads import build_head, new_head
 from ..tables import load_seed_table
 from .data import Augmentation, PatchDataset, read_crops
-from .engine import BEST_NAME, METRICS_NAME, Trainer, TrainingConfig, TrainingTask
+from .engine import Trainer, TrainingConfig, TrainingTask
+from .folders import best_weights, starting_point, write_trained_folder
 
 __all__ = ["Classifier", "ClassificationTask", "FineTuneResult", "finetune", "predict", "read_finetuned",
            "TUNE_METRICS"]
@@ -38,7 +37,6 @@ __all__ = ["Classifier", "ClassificationTask", "FineTuneResult", "finetune", "pr
 logger = logging.getLogger(__name__)
 
 TUNE_METRICS = ("auc", "balanced_accuracy", "average_precision")
-CARD_NAME = "README.md"
 
 
 class Classifier(nn.Module):
@@ -237,11 +235,7 @@ def finetune(
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         train_pos = train_pos[_stratified_subset(labelled[label].iloc[train_pos].reset_index(drop=True),
                                                  fraction, seed)]
-    resolved = resolve_weights(model, pretrained=pretrained, weights=weights)
-    base = resolved.config.preprocess
-    changes = {k: v for k, v in (("patch_size", patch_size), ("spacing_mm", spacing_mm)) if v is not None}
-    contract = dataclasses.replace(base, **changes) if changes else base
-    config = dataclasses.replace(resolved.config, preprocess=contract, weights=None)
+    resolved, contract, config = starting_point(model, weights, pretrained, patch_size, spacing_mm)
     code = {c: i for i, c in enumerate(classes)}
 
     def crops(pos: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray, list[Any]]:
@@ -280,11 +274,7 @@ def finetune(
     trainer = Trainer(task, settings, out, device=context.device, progress=progress)
     result = trainer.fit(train_set, tune_set, resume=resume)
     if context.is_main:
-        from safetensors.torch import load_file
-
-        best = load_file(str(out / "checkpoints" / BEST_NAME))
-        encoder_state = {k[len("encoder."):]: v for k, v in best.items() if k.startswith("encoder.")}
-        head_state = {k[len("head."):]: v for k, v in best.items() if k.startswith("head.")}
+        best = best_weights(out, "encoder", "head")
         record = {
             "head": {"type": head, "label": label, "classes": [_plain(c) for c in classes],
                      "widths": [num_features, *([num_features // 2] if head == "mlp" else []), len(classes)]},
@@ -293,14 +283,12 @@ def finetune(
                          "settings": settings.to_dict(), "tune_metric": tune_metric,
                          "class_weights": class_weights, "augmentation": dataclasses.asdict(augmentation)
                          if augmentation is not None else None, "best_epoch": result.best_epoch,
-                         "best_metrics": result.best_metrics,
-                         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+                         "best_metrics": result.best_metrics},
         }
-        name_out = f"{resolved.config.name}.finetuned-{_slug(label)}"
-        tuned = dataclasses.replace(config, name=name_out, description=(
-            f"{resolved.config.name} fine-tuned to predict {label!r} ({len(classes)} classes) on {name}"))
-        save_hub_layout(tuned, encoder_state, out, heads=head_state, extra=record)
-        write_model_card(out)
+        write_trained_folder(out, config, f"{resolved.config.name}.finetuned-{_slug(label)}",
+                             f"{resolved.config.name} fine-tuned to predict {label!r} ({len(classes)} classes) on "
+                             f"{name}",
+                             best["encoder"], record, heads=best["head"])
     context.barrier()
     return FineTuneResult(out, classes, result.best_epoch, result.best_metrics, counts)
 
@@ -358,55 +346,3 @@ def predict(table: str | os.PathLike | pd.DataFrame, model_dir: str | os.PathLik
                      base[[PADDING_COLUMN, WARNING_COLUMN]]], axis=1)
     out.attrs["fmcib"] = {**features.attrs.get("fmcib", {}), "head": data["head"]}
     return (out, errors) if return_errors else out
-
-
-def write_model_card(folder: str | os.PathLike) -> Path:
-    """README.md of a fine-tuned folder, from its config.json: data, label, counts, settings, tuning metric."""
-    path = Path(folder)
-    data = json.loads((path / CONFIG_NAME).read_text())
-    train, head = data["training"], data["head"]
-    counts, settings = train["counts"], train["settings"]
-    preprocess = ModelConfig.from_dict(data).preprocess
-    best = train.get("best_metrics") or {}
-    metric_line = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k.startswith("tune_") and v == v) or "n/a"
-    lines = [
-        "---", "library_name: fmcib", "tags: [medical-imaging, ct, fine-tuned]", "---", "",
-        f"# {data['name']}", "",
-        f"{data['description']}.", "",
-        "## Training data",
-        f"- Seeds table: `{train['table']}` ({counts['rows']} rows; {counts['unlabelled']} without a label and "
-        f"{counts['unreadable']} unreadable left out).",
-        f"- Label: `{head['label']}`, classes {head['classes']}; training rows per class: "
-        + ", ".join(f"{c}: {counts.get(f'train_{c}', 0)}" for c in head["classes"]) + ".",
-        f"- Training rows: {counts['train']}" + (f" (a stratified {train['fraction']:.0%} subset)"
-                                                 if train.get("fraction") else "") + f"; tuning rows: {counts['tune']} "
-        f"({train['tune_rows']}).",
-        "",
-        "## Starting point and settings",
-        f"- Started from `{train['base_model']}` (weights: {train['started_from'].get('source')}, sha256 "
-        f"{train['started_from'].get('sha256') or 'n/a'}).",
-        f"- Head: {head['type']} {head['widths']}; every encoder layer trained.",
-        f"- {settings['epochs']} epochs, batch {settings['batch_size']} per process, {settings['optimizer']} lr "
-        f"{settings['lr']:g}, weight decay {settings['weight_decay']:g}, {settings['schedule']} schedule, "
-        f"{settings['precision']}, seed {settings['seed']}; class weights: {train['class_weights']}.",
-        f"- Augmentation: {train['augmentation']}.",
-        f"- Best epoch by tuning {train['tune_metric']}: {train['best_epoch']} ({metric_line}); "
-        f"per-epoch figures in `{METRICS_NAME}`.",
-        "",
-        "## Input contract",
-        f"- CT in Hounsfield units and a seed point; patch {preprocess.describe()}, intensities "
-        f"`(HU + {preprocess.hu_offset:g}) / {preprocess.hu_scale:g}`.",
-        f"- Encoder output: {data['num_features']} features; head output: probabilities of {head['classes']}.",
-        "",
-        "## Use",
-        "```bash",
-        "fmcib predict --csv test.csv --model . --out predictions.csv",
-        "fmcib extract --csv test.csv --weights . --out features.csv",
-        "```",
-        "",
-        "Research use only; not a medical device. Check performance on an independent test set before any claim.",
-        "",
-    ]
-    with atomic_path(path / CARD_NAME) as tmp:
-        tmp.write_text("\n".join(lines))
-    return path / CARD_NAME

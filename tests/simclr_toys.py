@@ -1,0 +1,59 @@
+"""The global-batch NT-Xent under torchrun: each rank holds half of a fixed batch.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/simclr_toys.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fmcib.distributed import init_distributed  # noqa: E402
+from fmcib.training.simclr import nt_xent  # noqa: E402
+
+N, NEG, DIM = 8, 4, 6
+
+
+def fixed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two views of N samples and NEG extra negatives (the same on every rank)."""
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(N, DIM, generator=g)
+    x2 = x1 + 0.3 * torch.randn(N, DIM, generator=g)
+    return x1, x2, torch.randn(NEG, DIM, generator=g)
+
+
+def fixed_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Linear(DIM, 4)
+
+
+def loss_and_grad(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, neg: torch.Tensor, context=None):
+    """One forward of everything (as SimCLRTask does), the loss, its backward."""
+    z = model(torch.cat([x1, x2, neg]))
+    n = x1.shape[0]
+    loss = nt_xent(z[:n], z[n:2 * n], z[2 * n:], temperature=0.5, context=context)
+    loss.backward()
+    return loss
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    context = init_distributed("cpu")
+    x1, x2, neg = fixed_batch()
+    n, k = N // context.world_size, NEG // context.world_size
+    mine = slice(context.rank * n, (context.rank + 1) * n)
+    negs = slice(context.rank * k, (context.rank + 1) * k)
+    model = nn.parallel.DistributedDataParallel(fixed_model())
+    loss = loss_and_grad(model, x1[mine], x2[mine], neg[negs], context)
+    mean_loss = loss.detach().clone()
+    torch.distributed.all_reduce(mean_loss)
+    mean_loss /= context.world_size
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"loss": mean_loss, "weight_grad": model.module.weight.grad, "bias_grad": model.module.bias.grad},
+                   out / "ddp.pt")

@@ -1,0 +1,213 @@
+"""Self-supervised pretraining: NT-Xent against a reference, the global-batch loss under torchrun, collapse
+monitors, random negatives, SimCLR end to end on the synthetic lesion benchmark, and publishing to the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from simclr_toys import fixed_batch, fixed_model, loss_and_grad  # noqa: E402
+
+from fmcib.training.monitors import collapse_warning, embedding_health  # noqa: E402
+from fmcib.training.simclr import background_points, nt_xent  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _reference_nt_xent(z1, z2, negatives, temperature):
+    """NT-Xent written out anchor by anchor (SimCLR's definition, extra negatives in every denominator)."""
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
+    extra = torch.nn.functional.normalize(negatives.double(), dim=1)
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        others = [float(z[i] @ z[j]) / temperature for j in range(2 * n) if j != i]
+        others += [float(z[i] @ e) / temperature for e in extra]
+        total += -(float(z[i] @ z[positive]) / temperature - np.log(np.sum(np.exp(others))))
+    return total / (2 * n)
+
+
+def test_nt_xent_is_simclrs_loss_with_extra_negatives():
+    g = torch.Generator().manual_seed(3)
+    z1, z2, neg = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)
+    for t in (0.1, 0.5):
+        assert nt_xent(z1, z2, neg, temperature=t).item() == pytest.approx(_reference_nt_xent(z1, z2, neg, t), rel=1e-5)
+    # no extra negatives: the plain SimCLR loss; perfect pairs with distinct samples give a lower loss
+    same = nt_xent(z1, z1.clone(), None, temperature=0.1).item()
+    assert same == pytest.approx(_reference_nt_xent(z1, z1, torch.zeros(0, 7), 0.1), rel=1e-5)
+    assert same < nt_xent(z1, z2, None, temperature=0.1).item()
+
+
+def test_two_gloo_processes_give_the_global_batch_loss_and_gradient(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env.pop("WORLD_SIZE", None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(HERE / "simclr_toys.py"), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    model = fixed_model()
+    loss = loss_and_grad(model, *fixed_batch())  # one process, the whole batch
+    assert ddp["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(ddp["weight_grad"], model.weight.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ddp["bias_grad"], model.bias.grad, rtol=1e-5, atol=1e-7)
+    # without the gather each rank would only see its own half: a different loss
+    x1, x2, neg = fixed_batch()
+    half = loss_and_grad(fixed_model(), x1[:4], x2[:4], neg[:2]).item()
+    assert abs(half - loss.item()) > 1e-3
+
+
+def test_collapse_monitors_on_known_embeddings():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(400, 32, generator=g)
+    healthy = embedding_health(spread, spread + 0.01 * torch.randn(400, 32, generator=g))
+    assert healthy["std"] == pytest.approx(1.0, abs=0.1)  # even spread over the sphere: std ~ 1/sqrt(d) per dim
+    assert healthy["rankme"] > 25 and abs(healthy["mean_cosine"]) < 0.05 and healthy["alignment"] < 0.01
+    assert collapse_warning(healthy) == ""
+    one_point = torch.ones(400, 32) + 1e-4 * torch.randn(400, 32, generator=g)
+    collapsed = embedding_health(one_point)
+    assert collapsed["std"] < 0.01 and collapsed["mean_cosine"] > 0.99 and collapsed["rankme"] < 2
+    assert "collapsing" in collapse_warning(collapsed)
+    # dimensional collapse: spread, but along 1 direction only
+    line = torch.randn(400, 1, generator=g) * torch.randn(1, 32, generator=g)
+    assert embedding_health(line)["rankme"] == pytest.approx(1.0, abs=0.05)
+    assert "RankMe" in collapse_warning(embedding_health(line))
+    # uniformity: log E exp(-2 |zi - zj|^2), hand-computed for two orthogonal unit vectors (|zi - zj|^2 = 2)
+    assert embedding_health(torch.eye(2))["uniformity"] == pytest.approx(-4.0)
+
+
+def test_random_negatives_lie_in_the_scan_away_from_every_seed(synthetic_cases):
+    from fmcib.io import open_scan
+    from fmcib.preprocessing import PreprocessConfig
+    from fmcib.seeds import inside_mask
+
+    config = PreprocessConfig(patch_size=16, spacing_mm=2.0)
+    points = background_points(synthetic_cases, 2, config, seed=1)
+    assert len(points) == len(synthetic_cases) * 2 * 4  # 4 candidates per wanted patch
+    assert points["lesion"].value_counts().eq(8).all()
+    for image, group in points.groupby("image_path"):
+        seeds = synthetic_cases.loc[synthetic_cases.image_path == image, ["coordX", "coordY", "coordZ"]].to_numpy()
+        xyz = group[["coordX", "coordY", "coordZ"]].to_numpy()
+        gaps = np.linalg.norm(xyz[:, None] - seeds[None], axis=2).min(axis=1)
+        assert gaps.min() >= 16.0  # half a patch width: 16 voxels x 2 mm / 2
+        assert inside_mask(open_scan(image).geometry, xyz).all()
+    assert points.equals(background_points(synthetic_cases, 2, config, seed=1))  # seeded
+
+
+@pytest.fixture(scope="module")
+def lesion_benchmark(tmp_path_factory):
+    from fmcib.datasets import make_lesion_benchmark
+
+    return make_lesion_benchmark(tmp_path_factory.mktemp("benchmark"), pool_scans=10, labelled_scans=8,
+                                 test_scans=8, size=(64, 64, 24), spacing=(1.5, 1.5, 3.0))
+
+
+def test_simclr_pretraining_writes_an_encoder_whose_features_beat_random_init(lesion_benchmark, tmp_path):
+    from click.testing import CliRunner
+
+    from fmcib import extract_features
+    from fmcib.cli import main
+    from fmcib.datasets import LATENTS
+    from fmcib.evaluation import auc
+    from fmcib.probes import LogisticProbe
+    from fmcib.tables import feature_matrix
+
+    torch.set_num_threads(2)
+    pool = pd.read_csv(lesion_benchmark["pool"])
+    assert not set(LATENTS) & set(pool.columns)  # the pool carries no labels
+    out = tmp_path / "simclr"
+    res = CliRunner().invoke(main, [
+        "pretrain", "simclr", "--csv", str(lesion_benchmark["pool"]), "--out-dir", str(out), "--model",
+        "resnet10_3d.random", "--epochs", "5", "--batch-size", "16", "--optimizer", "adamw", "--lr", "1e-3",
+        "--warmup-epochs", "1", "--patch-size", "16", "--spacing", "2", "--data-description",
+        "Synthetic lesions of fmcib.datasets.make_lesion_benchmark (not patient data)", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    training = config["training"]
+    assert training["method"] == "simclr" and training["counts"]["lesions"] == 40
+    assert training["random_negatives"] == 1 and training["counts"]["random_negatives_found"] > 30
+    assert config["preprocess"]["patch_size"] == 16 and config["name"] == "resnet10_3d.simclr"
+    card = (out / "README.md").read_text()
+    assert "Synthetic lesions" in card and "no labels were used" in card and "NT-Xent, temperature 0.1" in card
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2, 3, 4, 5]
+    assert {"tune_std", "tune_rankme", "tune_mean_cosine", "tune_alignment", "tune_uniformity"} <= set(metrics)
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("projector") for k in load_file(str(out / "model.safetensors")))  # encoder only
+
+    # The folder is an encoder for extraction; its features against random init, probed on each latent.
+    kw = {"patch_size": 16, "spacing_mm": 2.0, "progress": False, "num_workers": 0}
+    aucs = {}
+    for name, weights in (("random", None), ("simclr", out)):
+        feats = {split: extract_features(lesion_benchmark[split], model="resnet10_3d.random", weights=weights, **kw)
+                 for split in ("labelled", "test")}
+        for latent in LATENTS:
+            probe = LogisticProbe(n_trials=5, random_state=0).fit(feature_matrix(feats["labelled"]),
+                                                                  feats["labelled"][latent])
+            aucs[name, latent] = auc(feats["test"][latent], probe.predict_proba(feature_matrix(feats["test"]))[:, 1])
+    assert any(aucs["simclr", k] > aucs["random", k] for k in LATENTS), aucs
+
+
+def test_hub_push_uploads_the_folder_and_hf_hub_loads_it_back(tiny_model_dir, synthetic_cases, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+    from click.testing import CliRunner
+    from conftest import put_in_hub_cache
+    from huggingface_hub.utils import filter_repo_objects
+
+    from fmcib import extract_features
+    from fmcib.cli import main
+    from fmcib.models.hub import PUSH_IGNORE
+
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "README.md").write_text("# tiny\nTrained on nothing: random weights for a test.\n")
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "training_state.pt").write_bytes(b"resume state")
+    calls = []
+
+    class FakeApi:  # the Hub's side: what upload_folder would send, placed where hf_hub_download finds it
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def create_branch(self, repo_id, **kwargs):
+            calls.append(("create_branch", repo_id, kwargs))
+
+        def upload_folder(self, *, folder_path, repo_id, revision=None, ignore_patterns=None, **kwargs):
+            names = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+            sent = list(filter_repo_objects(names, ignore_patterns=ignore_patterns))
+            calls.append(("upload_folder", repo_id, sorted(sent)))
+            put_in_hub_cache(repo_id, {n: Path(folder_path) / n for n in sent}, revision=revision or "main")
+            return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    res = CliRunner().invoke(main, ["hub", "push", str(folder), "lab/tiny-encoder", "--private", "--revision", "v1"])
+    assert res.exit_code == 0, res.output
+    assert calls[0] == ("create_repo", "lab/tiny-encoder", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls[1][0] == "create_branch" and calls[1][2]["branch"] == "v1"
+    assert calls[2][2] == ["README.md", "config.json", "model.safetensors"]  # no resume state
+    assert PUSH_IGNORE[0] == "checkpoints/*"
+
+    seeds = synthetic_cases.iloc[:3]
+    local = extract_features(seeds, weights=folder, progress=False, num_workers=0)
+    hub = extract_features(seeds, model="hf-hub:lab/tiny-encoder@v1", progress=False, num_workers=0)
+    pd.testing.assert_frame_equal(hub.filter(like="pred_"), local.filter(like="pred_"))
+
+    (folder / "README.md").unlink()
+    res = CliRunner().invoke(main, ["hub", "push", str(folder), "lab/tiny-encoder"])
+    assert res.exit_code == 1 and "README.md" in res.output  # published weights say what made them
