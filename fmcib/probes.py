@@ -39,6 +39,8 @@ from .tables import feature_matrix
 __all__ = ["LogisticProbe", "fit_probe", "feature_matrix", "complete_rows", "drop_missing", "limited_data_curve", "load_probe",
            "encoder_of", "prediction_table"]
 
+logger = logging.getLogger(__name__)
+
 log = logging.getLogger(__name__)
 
 PROBE_FORMAT = "fmcib.LogisticProbe/1"
@@ -104,7 +106,8 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
     scoring : {"auto", "auc", "balanced_accuracy", "average_precision"}, default="auto"
         Tuning objective. ``"auto"``: AUC (binary) or macro one-vs-rest AUC (multiclass).
     cv : int, default=5
-        Stratified folds used for tuning when ``fit`` gets no tuning set.
+        Stratified folds used for tuning when ``fit`` gets no tuning set (fewer, with a warning, when the rarest
+        class has fewer training rows; with one row, ``C`` is used untuned). ``cv_folds_`` says how many.
     max_iter : int, default=1000
     random_state : int, optional
         Seeds Optuna's sampler, the folds and the solver: same data and seed, same probe.
@@ -183,7 +186,15 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
             ok = complete_rows(Xt, yt)
             tune = (Xt[ok], yt[ok])
         self.study_ = None
-        if int(self.n_trials) > 0:
+        smallest = int(np.unique(y, return_counts=True)[1].min())
+        self.cv_folds_ = min(int(self.cv), smallest)  # a fold per member of the rarest class at most
+        if int(self.n_trials) > 0 and tune is None and self.cv_folds_ < 2:
+            logger.warning("LogisticProbe: the rarest class has %d training row(s): too few to tune C by "
+                           "cross-validation; C=%g is used", smallest, self.C)
+        if int(self.n_trials) > 0 and (tune is not None or self.cv_folds_ >= 2):
+            if tune is None and self.cv_folds_ < int(self.cv):
+                logger.warning("LogisticProbe: the rarest class has %d training rows: tuning by %d-fold instead "
+                               "of %d-fold cross-validation", smallest, self.cv_folds_, int(self.cv))
             self.best_params_, self.best_score_ = self._tune(X, y, tune)
         else:
             self.best_params_, self.best_score_ = {"C": float(self.C), "penalty": self.penalties[0]}, float("nan")
@@ -210,7 +221,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
 
         folds: list[Any] = []
         if tune is None:
-            folds = list(StratifiedKFold(n_splits=int(self.cv), shuffle=True,
+            folds = list(StratifiedKFold(n_splits=self.cv_folds_, shuffle=True,
                                          random_state=self.random_state).split(X, y))
 
         def objective(trial: Any) -> float:

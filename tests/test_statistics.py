@@ -341,3 +341,15 @@ def test_fit_probe_on_a_table_leaves_test_rows_and_unlabelled_rows_out():
     assert probe.best_params_ == twin.best_params_
     with pytest.raises(FmcibError, match="no column 'nope'"):
         fit_probe(table, "nope")
+
+
+def test_probe_tunes_with_fewer_folds_when_a_class_is_rare(caplog):
+    X, y = _signal_features(n=40)
+    rare = np.flatnonzero(y == 1)[3:]  # keep 3 rows of class 1
+    keep = np.setdiff1d(np.arange(40), rare)
+    with caplog.at_level(logging.WARNING, logger="fmcib.probes"):
+        probe = LogisticProbe(n_trials=3, random_state=0).fit(X.iloc[keep], y[keep])
+    assert probe.cv_folds_ == 3 and "3-fold instead of 5-fold" in caplog.text
+    one = np.setdiff1d(np.arange(40), np.flatnonzero(y == 1)[1:])
+    untuned = LogisticProbe(n_trials=3, C=0.5, random_state=0).fit(X.iloc[one], y[one])
+    assert untuned.best_params_["C"] == 0.5 and untuned.study_ is None

@@ -8,6 +8,7 @@ from .data import Augmentation, PatchDataset, read_crops
 from .engine import Trainer, TrainingConfig, TrainingResult, TrainingTask
 from .finetune import ClassificationTask, Classifier, FineTuneResult, finetune, predict, read_finetuned
 from .optim import LARS, lr_factor
+from .regularizers import sigreg
 
 __all__ = [
     "Augmentation",
@@ -27,4 +28,5 @@ __all__ = [
     "read_finetuned",
     "LARS",
     "lr_factor",
+    "sigreg",
 ]

@@ -7,7 +7,8 @@ show it:
 - ``std``: standard deviation of the L2-normalised embeddings per dimension, averaged, times ``sqrt(d)``;
   about 1 for embeddings spread evenly over the sphere, 0 for complete collapse (Zbontar/Bardes et al.).
 - ``rankme``: the effective rank, ``exp`` of the entropy of the normalised singular values of the
-  embedding matrix (Garrido et al. 2023); from 1 (one direction) up to ``min(n, d)``.
+  centred embedding matrix (Garrido et al. 2023); from 1 (one direction) up to ``min(n, d)``. It ignores
+  scale, so a batch collapsed to one point plus noise still looks full-rank: read it with ``std``.
 - ``mean_cosine``: mean cosine similarity of distinct samples; near 1 when collapsed.
 - ``alignment``: mean squared distance between the normalised embeddings of two views of the same sample
   (lower: views agree), and ``uniformity``: ``log mean exp(-2 ||z_i - z_j||^2)`` over distinct samples
@@ -47,8 +48,8 @@ def embedding_health(embeddings: torch.Tensor, views: torch.Tensor | None = None
         if n < 2:
             raise ValueError(f"embedding_health needs at least 2 samples, got {n}")
         out: dict[str, float] = {"std": float(z.std(dim=0).mean() * math.sqrt(d))}
-        singular = torch.linalg.svdvals(z)
-        p = singular / singular.sum() + 1e-12
+        singular = torch.linalg.svdvals(z - z.mean(dim=0))
+        p = singular / singular.sum().clamp_min(1e-12) + 1e-7
         out["rankme"] = float(torch.exp(-(p * p.log()).sum()))
         gram = z @ z.T
         out["mean_cosine"] = float(_off_diagonal_mean(gram))

@@ -1,6 +1,6 @@
-"""The global-batch NT-Xent under torchrun: each rank holds half of a fixed batch.
+"""Global-batch losses under torchrun (NT-Xent, SIGReg): each rank holds half of a fixed batch.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/simclr_toys.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/pretraining_toys.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fmcib.distributed import init_distributed  # noqa: E402
+from fmcib.training.regularizers import sigreg, slice_generator  # noqa: E402
 from fmcib.training.simclr import nt_xent  # noqa: E402
 
 N, NEG, DIM = 8, 4, 6
@@ -41,6 +42,13 @@ def loss_and_grad(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, neg: tor
     return loss
 
 
+def sigreg_and_grad(model: nn.Module, x: torch.Tensor, context=None):
+    """SIGReg of a model's outputs on the slices of step 7, and its backward."""
+    value = sigreg(model(x), num_slices=32, generator=slice_generator(7), context=context)
+    value.backward()
+    return value
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     context = init_distributed("cpu")
@@ -53,7 +61,9 @@ if __name__ == "__main__":
     mean_loss = loss.detach().clone()
     torch.distributed.all_reduce(mean_loss)
     mean_loss /= context.world_size
+    regulariser = nn.parallel.DistributedDataParallel(fixed_model())
+    value = sigreg_and_grad(regulariser, x1[mine], context)
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"loss": mean_loss, "weight_grad": model.module.weight.grad, "bias_grad": model.module.bias.grad},
-                   out / "ddp.pt")
+        torch.save({"loss": mean_loss, "weight_grad": model.module.weight.grad, "bias_grad": model.module.bias.grad,
+                    "sigreg": value.detach(), "sigreg_grad": regulariser.module.weight.grad}, out / "ddp.pt")
