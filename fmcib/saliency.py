@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .extract import FeatureExtractor
     from .probes import LogisticProbe
 
-__all__ = ["EncoderWithHead", "GuidedReLU", "probe_head", "guided_relus", "smooth_guided_backprop",
+__all__ = ["EncoderWithHead", "GuidedReLU", "probe_head", "guided_relus", "has_relu", "smooth_guided_backprop",
            "saliency_maps"]
 
 
@@ -126,16 +126,21 @@ def guided_relus(model: nn.Module) -> Iterator[int]:
             setattr(parent, name, child)
 
 
+def has_relu(model: nn.Module) -> bool:
+    """True when the network has ``nn.ReLU`` modules (guided backpropagation applies); a ViT (GELU) has none."""
+    return any(isinstance(m, nn.ReLU) for m in model.modules())
+
+
 def smooth_guided_backprop(model: nn.Module, patch: np.ndarray | torch.Tensor, index: int = 0,
                            n_samples: int = 25, noise: float = 0.15, magnitude: bool = True,
-                           random_state: int | None = 0) -> np.ndarray:
+                           random_state: int | None = 0, guided: bool | None = None) -> np.ndarray:
     """Smooth guided backpropagation of output ``index`` of ``model`` onto one input patch.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Maps ``(1, 1, s, s, s)`` patches to scores ``(1, k)`` (e.g. :class:`EncoderWithHead`); it must
-        contain ``nn.ReLU`` modules (checked). Its parameters get no gradients.
+        Maps ``(1, 1, s, s, s)`` patches to scores ``(1, k)`` (e.g. :class:`EncoderWithHead`). Its parameters
+        get no gradients.
     patch : array or tensor of shape ``(s, s, s)``, ``(1, s, s, s)`` or ``(1, 1, s, s, s)``
         A normalised patch as the encoder takes it.
     index : int, default=0
@@ -148,6 +153,9 @@ def smooth_guided_backprop(model: nn.Module, patch: np.ndarray | torch.Tensor, i
         Average squared gradients and take the root (MONAI's default), else average signed gradients.
     random_state : int, optional
         Seeds the noise; the global torch RNG is left as it was.
+    guided : bool, optional
+        Swap the ReLUs for guided ReLUs (``True`` requires some); default: when the network has ReLUs (a
+        ResNet), else plain SmoothGrad (a ViT's GELUs have no guided counterpart).
 
     Returns
     -------
@@ -164,8 +172,10 @@ def smooth_guided_backprop(model: nn.Module, patch: np.ndarray | torch.Tensor, i
     try:
         for p in params:
             p.requires_grad_(False)  # only the input's gradient is needed
-        with guided_relus(model) as swapped, torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
-            if not swapped:
+        use_guided = has_relu(model) if guided is None else guided
+        swap = guided_relus(model) if use_guided else contextlib.nullcontext(0)
+        with swap as swapped, torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
+            if use_guided and not swapped:
                 raise ValueError("the model has no nn.ReLU modules: guided backpropagation would be plain SmoothGrad")
             if random_state is not None:
                 torch.manual_seed(random_state)
@@ -299,6 +309,7 @@ def saliency_maps(
     head, classes = _head_for(probe, extractor.num_features)
     scorer = EncoderWithHead(extractor.encoder, head.to(next(extractor.encoder.parameters()).device)).eval()
     dataset = ScanDataset(plan_scans(df, base_dir=base_dir, rows=rows, name=name), coords, cfg)
+    method = "guided SmoothGrad" if has_relu(scorer) else "SmoothGrad"  # a ViT has no ReLUs to guide
     out = Path(out_dir)
     records: list[dict[str, Any]] = []
     for i in range(len(dataset)):
@@ -324,10 +335,10 @@ def saliency_maps(
             except (OSError, RuntimeError) as exc:  # full disk, unwritable folder: this row fails, not the run
                 records.append({"row": row, "error": f"row {row}: could not write '{paths['patch'].parent}': {exc}"})
                 continue
-            records.append({"row": row, "score": float(scores[index]), "explained": explained,
+            records.append({"row": row, "score": float(scores[index]), "explained": explained, "method": method,
                             "patch_path": str(paths["patch"]), "saliency_path": str(paths["saliency"]),
                             "png_path": str(paths["png"]), "error": ""})
-    columns = ["row", "score", "explained", "patch_path", "saliency_path", "png_path", "error"]
+    columns = ["row", "score", "explained", "method", "patch_path", "saliency_path", "png_path", "error"]
     result = pd.DataFrame.from_records(records, columns=columns).sort_values("row", ignore_index=True)
     own = [c for c in df.columns if c not in columns]  # the user's columns (ids, labels) after the row number
     if own:

@@ -246,3 +246,90 @@ def test_hub_push_uploads_the_folder_and_hf_hub_loads_it_back(tiny_model_dir, sy
     (folder / "README.md").unlink()
     res = CliRunner().invoke(main, ["hub", "push", str(folder), "lab/tiny-encoder"])
     assert res.exit_code == 1 and "README.md" in res.output  # published weights say what made them
+
+
+# -- JEPA ---------------------------------------------------------------------------------------------------
+
+def test_multiblock_masks_are_disjoint_blocks_of_the_asked_scale():
+    from fmcib.training.jepa import MaskSpec, multiblock_mask
+
+    grid = (6, 6, 6)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        context, target = multiblock_mask(grid, MaskSpec(targets=1, target_scale=(0.15, 0.2)), rng)
+        assert context.any() and target.any() and not (context & target).any()
+        box = np.argwhere(target.reshape(grid))
+        extent = box.max(0) - box.min(0) + 1
+        assert np.prod(extent) == target.sum()  # one box
+        assert 0.05 * 216 <= target.sum() <= 0.35 * 216  # 15-20 % of the grid, after rounding each side
+    tubes = multiblock_mask(grid, MaskSpec(tube=True), np.random.default_rng(0))[1].reshape(grid)
+    assert (tubes.any(axis=0) == tubes.all(axis=0)).all()  # every targeted column spans the whole depth
+    tiny = multiblock_mask((2, 2, 2), MaskSpec(), np.random.default_rng(1))
+    assert tiny[0].any() and tiny[1].any()  # even a 2x2x2 grid keeps a context and a target
+
+
+def test_ema_target_moves_towards_the_encoder_with_a_rising_momentum():
+    from fmcib.models.vit3d import ViT3d
+    from fmcib.training.jepa import JEPAModel, MaskedJEPATask
+
+    model = JEPAModel(ViT3d(patch_size=4, dim=12, depth=1, heads=2), "ema")
+    assert not any(p.requires_grad for p in model.target.parameters())
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target.parameters()]
+    online = [p.clone() for p in model.encoder.parameters()]
+    MaskedJEPATask(model, (2, 2, 2)).after_step(model, step=50, total_steps=100)
+    momentum = 0.996 + (1.0 - 0.996) * 0.5
+    for t, b, o in zip(model.target.parameters(), before, online):
+        torch.testing.assert_close(t, momentum * b + (1 - momentum) * o)
+
+
+def test_jepa_pretraining_writes_a_vit_that_extracts_finetunes_and_beats_random_init(lesion_benchmark, tmp_path):
+    from click.testing import CliRunner
+
+    from fmcib import extract_features
+    from fmcib.cli import main
+    from fmcib.datasets import LATENTS
+    from fmcib.evaluation import auc
+    from fmcib.probes import LogisticProbe
+    from fmcib.tables import feature_matrix
+    from fmcib.training import finetune
+    from fmcib.training.jepa import JEPA_COLLAPSE_THRESHOLDS, pretrain_jepa
+
+    torch.set_num_threads(2)
+    out = tmp_path / "jepa"
+    res = CliRunner().invoke(main, [
+        "pretrain", "jepa", "--csv", str(lesion_benchmark["pool"]), "--out-dir", str(out), "--model",
+        "vit3d_tiny.random", "--mode", "ema", "--epochs", "5", "--batch-size", "8", "--warmup-epochs", "1",
+        "--patch-size", "24", "--spacing", "2", "--data-description", "Synthetic lesions (not patient data)",
+        "--no-progress"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["name"] == "vit3d_tiny.jepa-ema" and config["training"]["token_grid"] == [3, 3, 3]
+    metrics = pd.read_csv(out / "metrics.csv")
+    last = metrics.iloc[-1]
+    assert last["tune_rankme"] > JEPA_COLLAPSE_THRESHOLDS["rankme"] and last["tune_std"] > 1e-3  # no collapse
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+
+    kw = {"patch_size": 24, "spacing_mm": 2.0, "progress": False, "num_workers": 0}
+    aucs = {}
+    for name, weights in (("random", None), ("jepa", out)):
+        feats = {split: extract_features(lesion_benchmark[split], model="vit3d_tiny.random", weights=weights, **kw)
+                 for split in ("labelled", "test")}
+        assert feats["test"].filter(like="pred_").shape[1] == 192
+        for latent in LATENTS:
+            probe = LogisticProbe(n_trials=5, random_state=0).fit(feature_matrix(feats["labelled"]),
+                                                                  feats["labelled"][latent])
+            aucs[name, latent] = auc(feats["test"][latent], probe.predict_proba(feature_matrix(feats["test"]))[:, 1])
+    assert any(aucs["jepa", k] > aucs["random", k] for k in LATENTS), aucs
+
+    tuned = finetune(lesion_benchmark["labelled"], "size", tmp_path / "tuned", weights=out, epochs=1, batch_size=8,
+                     optimizer="adamw", lr=1e-4, progress=False)  # the folder's own contract (24^3 at 2 mm)
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["preprocess"]["patch_size"] == 24
+    assert tuned.counts["train"] > 0
+
+    lejepa = pretrain_jepa(lesion_benchmark["pool"], tmp_path / "lejepa", mode="lejepa", views=2, epochs=2,
+                           batch_size=8, warmup_epochs=0, patch_size=24, spacing_mm=2.0, progress=False)
+    assert np.isfinite(lejepa.history[-1]["train_loss"]) and "tune_sigreg" in lejepa.history[-1]
+    assert json.loads((tmp_path / "lejepa" / "config.json").read_text())["training"]["sigreg_lambda"] == 0.05

@@ -86,7 +86,26 @@ def test_guided_relus_swaps_every_relu_of_the_monai_resnet_and_restores_them():
             torch.testing.assert_close(encoder(x), before)  # forward is unchanged
     assert {name: m for name, m in encoder.named_modules() if isinstance(m, nn.ReLU)} == relus
     with pytest.raises(ValueError, match="no nn.ReLU"):
-        smooth_guided_backprop(nn.Sequential(nn.Flatten(), nn.Linear(8, 1)), np.zeros((2, 2, 2), np.float32))
+        smooth_guided_backprop(nn.Sequential(nn.Flatten(), nn.Linear(8, 1)), np.zeros((2, 2, 2), np.float32),
+                               guided=True)
+
+
+def test_a_vit_without_relus_gets_plain_smoothgrad():
+    from monai.visualize import SmoothGrad
+
+    from fmcib.models import create_model
+
+    encoder = create_model("vit3d_tiny.random", device="cpu")
+    scorer = EncoderWithHead(encoder, nn.Linear(192, 1)).eval()
+    patch = np.random.default_rng(0).random((1, 16, 16, 16)).astype(np.float32)
+    got = smooth_guided_backprop(scorer, patch, n_samples=3, random_state=4)
+    torch.manual_seed(4)
+    x = torch.from_numpy(patch[None])
+    for p in scorer.parameters():
+        p.requires_grad_(False)
+    expected = SmoothGrad(scorer, stdev_spread=0.15, n_samples=3, magnitude=True, verbose=False)(x, index=0)
+    np.testing.assert_allclose(got, expected[0, 0].numpy(), rtol=1e-5, atol=1e-8)
+    assert np.abs(got).sum() > 0
 
 
 def _features(n: int, d: int, seed: int) -> pd.DataFrame:

@@ -130,7 +130,8 @@ def pretrain() -> None:
               help="Architecture and starting weights (registry name; *.random: random init).")
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
               help="Start from local weights (continue pretraining).")
-@click.option("--data-description", default=None, help="What the lesions are (cohort, sites, licence): for the model card.")
+@click.option("--data-description", default=None,
+              help="What the lesions are (cohort, sites, licence): for the model card.")
 @click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Lesions per process.")
 @click.option("--temperature", default=0.1, show_default=True, type=click.FloatRange(min=0, min_open=True))
@@ -180,3 +181,64 @@ def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | 
                    f"loss {last.get('train_loss', float('nan')):.4g}, effective rank "
                    f"{last.get('tune_rankme', float('nan')):.3g}; "
                    f"wrote {out_dir}", err=True)
+
+
+@pretrain.command("jepa")
+@click.option("--csv", "table", required=True, type=TABLE, help="Seeds table of the lesions (labels are not needed).")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the pretrained encoder (config.json, model.safetensors, metrics.csv, README.md).")
+@click.option("--model", default="vit3d_tiny.random", show_default=True, help="A 3D ViT (vit3d_*) registry name.")
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Start from local weights (continue pretraining).")
+@click.option("--mode", default="ema", show_default=True, type=click.Choice(["ema", "lejepa"]),
+              help="ema: masked latent prediction against an EMA target (I-JEPA); lejepa: views + SIGReg.")
+@click.option("--mask", "mask_kind", default="blocks", show_default=True, type=click.Choice(["blocks", "tubes"]),
+              help="ema: 3D target blocks (I-JEPA), or tubes through the whole depth (V-JEPA style).")
+@click.option("--targets", default=4, show_default=True, type=click.IntRange(min=1), help="ema: target blocks.")
+@click.option("--views", default=4, show_default=True, type=click.IntRange(min=2), help="lejepa: views per lesion.")
+@click.option("--sigreg-lambda", default=0.05, show_default=True, type=click.FloatRange(min=0, max=1))
+@click.option("--data-description", default=None,
+              help="What the lesions are (cohort, sites, licence): for the model card.")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Lesions per process.")
+@click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd", "lars"]))
+@click.option("--weight-decay", default=0.04, show_default=True, type=click.FloatRange(min=0))
+@click.option("--warmup-epochs", default=10.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--monitor-samples", default=256, show_default=True, type=click.IntRange(min=2))
+@click.option("--device", default="auto", show_default=True, callback=check_device)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
+@click.option("--patch-size", default=None, type=PerAxis(int), help="Override the patch size: N or X,Y,Z voxels.")
+@click.option("--spacing", default=None, type=PerAxis(float), help="Override the patch spacing: S or X,Y,Z mm.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its last checkpoint.")
+@click.option("--no-progress", is_flag=True)
+def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | None, mode: str, mask_kind: str,
+                      targets: int, views: int, sigreg_lambda: float, data_description: str | None, epochs: int,
+                      batch_size: int, lr: float, optimizer: str, weight_decay: float, warmup_epochs: float,
+                      monitor_samples: int, device: str, precision: str, num_workers: int, coords: str,
+                      patch_size: Any, spacing: Any, seed: int, resume: bool, no_progress: bool) -> None:
+    """JEPA on lesion patches with a 3D ViT: masked latent prediction (EMA target) or LeJEPA (SIGReg).
+
+    \b
+    Example:
+      fmcib pretrain jepa --csv pool.csv --out-dir jepa/ --mode lejepa --data-description "..."
+    """
+    from ..distributed import is_main_process
+    from ..training.jepa import MaskSpec, pretrain_jepa
+
+    result = pretrain_jepa(
+        table, out_dir, model=model, weights=weights, mode=mode, mask=MaskSpec(targets=targets,
+                                                                               tube=mask_kind == "tubes"),
+        views=views, sigreg_lambda=sigreg_lambda, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, monitor_samples=monitor_samples,
+        data_description=data_description, device=None if device == "auto" else device, precision=precision,
+        num_workers=num_workers, seed=seed, resume=resume, coords=coords, patch_size=patch_size, spacing_mm=spacing,
+        progress=not no_progress)
+    if is_main_process():
+        last = result.history[-1] if result.history else {}
+        click.echo(f"pretrained ({mode}) on {result.counts['lesions']} lesions: last epoch loss "
+                   f"{last.get('train_loss', float('nan')):.4g}, effective rank "
+                   f"{last.get('tune_rankme', float('nan')):.3g}; wrote {out_dir}", err=True)

@@ -15,6 +15,7 @@ from torch import nn
 from ..exceptions import WeightsError
 from ..preprocessing import PreprocessConfig
 from . import resnet3d  # noqa: F401  (the MONAI ResNet family: registers its builder and models)
+from . import vit3d  # noqa: F401  (the 3D ViT family of the JEPA encoders)
 from .architectures import build_architecture
 from .checkpoints import (
     CONFIG_NAME,

@@ -141,6 +141,7 @@ class TrainingTask:
 
     model: nn.Module
     monitor: str | None = None
+    step: int = 0  # optimiser steps done, set by the engine before each loss
     mode: Literal["max", "min"] = "max"
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -154,6 +155,10 @@ class TrainingTask:
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
         """Optional optimiser parameter groups (default: every trainable parameter, one group)."""
         return None
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after every optimiser step with the bare module (e.g. to move an EMA target); ``step`` counts
+        from 1. The engine also sets ``task.step`` (optimiser steps done) before each :meth:`loss`."""
 
 
 @dataclass
@@ -257,6 +262,7 @@ class Trainer:
         drop_last = len(sampler) > cfg.batch_size  # no 1-sample batches for BatchNorm, unless the set is tiny
         micro_per_epoch = len(sampler) // cfg.batch_size if drop_last else math.ceil(len(sampler) / cfg.batch_size)
         steps_per_epoch = max(1, micro_per_epoch // cfg.accumulate)
+        self._total_steps = steps_per_epoch * cfg.epochs
         micro_per_epoch = steps_per_epoch * cfg.accumulate if micro_per_epoch >= cfg.accumulate else micro_per_epoch
         optimizer = build_optimizer(cfg, self.task.parameter_groups(model) or
                                     [p for p in model.parameters() if p.requires_grad])
@@ -334,6 +340,7 @@ class Trainer:
                 last = (micro + 1) % cfg.accumulate == 0
                 sync = wrapped.no_sync() if (ctx.distributed and not last) else contextlib.nullcontext()
                 with sync:
+                    self.task.step = state["global_step"]
                     with autocast:
                         loss = self.task.loss(wrapped, _to_device(batch, ctx.device))
                     if not torch.isfinite(loss):
@@ -351,6 +358,7 @@ class Trainer:
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
+                    self.task.after_step(model, state["global_step"] + 1, self._total_steps)
                     losses.extend(pending_losses)
                     pending_losses.clear()
                     state["step_in_epoch"] += 1

@@ -62,9 +62,10 @@ def embedding_health(embeddings: torch.Tensor, views: torch.Tensor | None = None
     return out
 
 
-def collapse_warning(health: dict[str, float]) -> str:
-    """A message naming the monitors past their collapse threshold, or ``""``."""
-    limits = COLLAPSE_THRESHOLDS
+def collapse_warning(health: dict[str, float], thresholds: dict[str, float] | None = None) -> str:
+    """A message naming the monitors past their collapse threshold (default :data:`COLLAPSE_THRESHOLDS`), or
+    ``""``."""
+    limits = {**COLLAPSE_THRESHOLDS, **(thresholds or {})}
     signs = []
     if health.get("std", 1.0) < limits["std"]:
         signs.append(f"std of normalised embeddings {health['std']:.3g} x sqrt(d) (even spread: ~1)")
