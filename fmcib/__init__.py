@@ -33,6 +33,7 @@ __all__ = [
     "bootstrap_ci",
     "permutation_test",
     "icc",
+    "embed_patients",
 ]
 
 _LAZY = {
@@ -56,6 +57,7 @@ _LAZY = {
     "bootstrap_ci": "fmcib.evaluation",
     "permutation_test": "fmcib.evaluation",
     "icc": "fmcib.stability",
+    "embed_patients": "fmcib.training.longitudinal",
 }
 
 

@@ -333,3 +333,81 @@ def test_jepa_pretraining_writes_a_vit_that_extracts_finetunes_and_beats_random_
                            batch_size=8, warmup_epochs=0, patch_size=24, spacing_mm=2.0, progress=False)
     assert np.isfinite(lejepa.history[-1]["train_loss"]) and "tune_sigreg" in lejepa.history[-1]
     assert json.loads((tmp_path / "lejepa" / "config.json").read_text())["training"]["sigreg_lambda"] == 0.05
+
+
+# -- multimodal longitudinal JEPA --------------------------------------------------------------------------
+
+def test_long_tables_become_padded_sequences_with_missing_modalities_and_dates():
+    from fmcib.training.longitudinal import CLINICAL, IMAGE, read_sequences
+
+    table = pd.DataFrame({
+        "pid": ["a", "a", "b", "c", "c", "c"],
+        "date": ["2020-03-01", "2020-01-01", "2021-06-01", "2019-01-01", "2019-02-01", "2019-03-01"],
+        "pred_0": [1.0, 3.0, np.nan, 5.0, np.nan, 7.0], "pred_1": [0.0, 2.0, np.nan, 1.0, np.nan, 1.0],
+        "clin_age": [60, 60, 70, np.nan, 55, np.nan], "clin_x": [1.0, np.nan, 0.0, np.nan, 2.0, np.nan]})
+    seq, record = read_sequences(table, "pid", "date", clinical_prefix="clin_")
+    assert seq.patients == ["a", "b", "c"] and record["columns"]["image"] == ["pred_0", "pred_1"]
+    assert seq.valid.sum(1).tolist() == [4, 1, 3]  # a: 2 visits x 2 tokens; b: clinical only; c: 2 image + 1 clinical
+    a = seq.modality[0][seq.valid[0]].tolist()
+    assert a == [IMAGE, CLINICAL, IMAGE, CLINICAL]  # January first, then March
+    assert seq.months[0][:4] == pytest.approx([60 / 30.4375] * 2 + [0, 0])  # months before the latest visit
+    assert not np.isnan(seq.image).any() and not np.isnan(seq.clinical).any()  # missing values: never NaN
+    mean, std = np.mean([1, 3, 5, 7]), np.std([1, 3, 5, 7])
+    assert seq.image[0, 0, 0] == pytest.approx((3 - mean) / std)  # standardised with the table's statistics
+    assert not seq.valid[1, 1:].any()  # padding
+
+
+def test_longitudinal_jepa_embeds_patients_without_collapse_and_beats_random_init(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from fmcib import embed_patients
+    from fmcib.cli import main
+    from fmcib.datasets import make_longitudinal_table
+    from fmcib.evaluation import auc
+    from fmcib.probes import LogisticProbe
+    from fmcib.training.jepa import JEPA_COLLAPSE_THRESHOLDS
+    from fmcib.training.longitudinal import LongitudinalEncoder
+
+    torch.set_num_threads(2)
+    targets = ["label", "aggressive", "smoker", "responder"]
+    make_longitudinal_table(300, random_state=0).drop(columns=targets).to_csv(tmp_path / "pool.csv", index=False)
+    labelled, test = make_longitudinal_table(120, random_state=1), make_longitudinal_table(120, random_state=2)
+    out = tmp_path / "longitudinal"
+    res = CliRunner().invoke(main, ["pretrain", "jepa-multimodal", "--table", str(tmp_path / "pool.csv"),
+                                    "--patient-col", "patient", "--time-col", "month", "--clinical-prefix", "clin_",
+                                    "--width", "64", "--epochs", "20", "--batch-size", "32", "--warmup-epochs", "2",
+                                    "--out-dir", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["tune_rankme"].iloc[-1] > JEPA_COLLAPSE_THRESHOLDS["rankme"]  # no collapse
+    assert metrics["tune_std"].iloc[-1] > 0.1 and metrics["train_loss"].iloc[-1] > 1e-3
+    assert "no labels were used" in (out / "README.md").read_text()
+
+    random_dir = tmp_path / "random"  # the same architecture, untrained: the baseline
+    shutil.copytree(out, random_dir)
+    config = json.loads((out / "config.json").read_text())
+    torch.manual_seed(0)
+    save_file(LongitudinalEncoder(**config["model_args"]).state_dict(), str(random_dir / "model.safetensors"))
+
+    def mean_probe_auc(folder):  # over the label and the three hidden variables
+        train, held = embed_patients(labelled, folder), embed_patients(test, folder)
+        scores = []
+        for target in targets:
+            y_train = labelled.groupby("patient", sort=False)[target].first().to_numpy()
+            y_test = test.groupby("patient", sort=False)[target].first().to_numpy()
+            probe = LogisticProbe(n_trials=5, random_state=0).fit(train.filter(like="emb_"), y_train)
+            scores.append(auc(y_test, probe.predict_proba(held.filter(like="emb_"))[:, 1]))
+        return np.mean(scores)
+
+    assert mean_probe_auc(out) > mean_probe_auc(random_dir)
+
+    res = CliRunner().invoke(main, ["embed", "--table", str(tmp_path / "pool.csv"), "--model", str(out), "--out",
+                                    str(tmp_path / "per_time.csv"), "--per-time"])
+    assert res.exit_code == 0, res.output
+    per_time = pd.read_csv(tmp_path / "per_time.csv")
+    pool = pd.read_csv(tmp_path / "pool.csv")
+    assert len(per_time) == len(pool.drop_duplicates(["patient", "month"]))
+    assert list(per_time.columns[:3]) == ["patient", "month", "emb_0"] and per_time.filter(like="emb_").shape[1] == 64

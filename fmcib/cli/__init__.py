@@ -5,7 +5,7 @@ and :class:`~fmcib.cli.common.Commands` turns the package's errors into one-line
     seeds      fmcib seeds, fmcib qc                         (seeds.py)
     weights    fmcib models, weights convert|download, hub push (weights.py)
     analysis   fmcib probe, survival, stability, tsne, saliency (analysis.py)
-    training   fmcib finetune, predict, pretrain simclr      (training.py)
+    training   fmcib finetune, predict, pretrain simclr|jepa|jepa-multimodal, embed (training.py)
 """
 
 from __future__ import annotations
@@ -36,5 +36,5 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
 
 for _command in (extract.extract, seeds.seeds, seeds.qc, weights.models_cmd, weights.weights, analysis.probe,
                  analysis.survival, analysis.stability, analysis.tsne, analysis.saliency, training.finetune,
-                 training.predict, training.pretrain, weights.hub):
+                 training.predict, training.pretrain, training.embed, weights.hub):
     main.add_command(_command)

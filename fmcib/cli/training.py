@@ -242,3 +242,74 @@ def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | No
         click.echo(f"pretrained ({mode}) on {result.counts['lesions']} lesions: last epoch loss "
                    f"{last.get('train_loss', float('nan')):.4g}, effective rank "
                    f"{last.get('tune_rankme', float('nan')):.3g}; wrote {out_dir}", err=True)
+
+
+def _column_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
+@pretrain.command("jepa-multimodal")
+@click.option("--table", required=True, type=TABLE,
+              help="Long table: one row per patient and time point, image features (pred_*) and clinical columns.")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--patient-col", required=True)
+@click.option("--time-col", required=True, help="Months, or dates.")
+@click.option("--clinical-cols", default=None, callback=_column_list, help="Clinical columns, separated by commas.")
+@click.option("--clinical-prefix", default=None, help="Instead of --clinical-cols: every column with this prefix.")
+@click.option("--width", default=128, show_default=True, type=click.IntRange(min=8))
+@click.option("--depth", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--mask-ratio", default=0.15, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--sigreg-lambda", default=0.0, show_default=True, type=click.FloatRange(min=0, max=1))
+@click.option("--data-description", default=None,
+              help="What the patients are (cohort, sites, licence): for the model card.")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=2))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--warmup-epochs", default=5.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--device", default="auto", show_default=True, callback=check_device)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+def pretrain_multimodal_cmd(table: Path, out_dir: Path, patient_col: str, time_col: str,
+                            clinical_cols: list[str] | None, clinical_prefix: str | None, width: int, depth: int,
+                            heads: int, mask_ratio: float, sigreg_lambda: float, data_description: str | None,
+                            epochs: int, batch_size: int, lr: float, warmup_epochs: float, device: str, seed: int,
+                            resume: bool, no_progress: bool) -> None:
+    """Multimodal longitudinal JEPA over image features and clinical vectors in time (Li et al.).
+
+    \b
+    Example:
+      fmcib pretrain jepa-multimodal --table long.csv --patient-col patient --time-col month \\
+        --clinical-prefix clin_ --out-dir longitudinal/
+    """
+    from ..distributed import is_main_process
+    from ..training.longitudinal import pretrain_longitudinal
+
+    config = pretrain_longitudinal(
+        table, out_dir, patient_col=patient_col, time_col=time_col, clinical_cols=clinical_cols,
+        clinical_prefix=clinical_prefix, width=width, depth=depth, heads=heads, mask_ratio=mask_ratio,
+        sigreg_lambda=sigreg_lambda, epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
+        data_description=data_description, device=None if device == "auto" else device, seed=seed, resume=resume,
+        progress=not no_progress)
+    if is_main_process():
+        train = config["training"]
+        click.echo(f"pretrained on {train['patients']} patients ({train['tokens']} tokens); wrote {out_dir}", err=True)
+
+
+@click.command()
+@click.option("--table", required=True, type=TABLE, help="Long table with the model's columns.")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder written by `fmcib pretrain jepa-multimodal`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".csv or .parquet")
+@click.option("--per-time", is_flag=True, help="One row per patient and time point instead of per patient.")
+def embed(table: Path, model_dir: Path, out: Path, per_time: bool) -> None:
+    """Patient embeddings (emb_* columns) of a multimodal longitudinal model."""
+    from ..files import check_outputs, check_table_output, write_table
+    from ..training.longitudinal import embed_patients
+
+    check_table_output(out)
+    check_outputs({"--table": table}, {"--out": out})
+    result = embed_patients(table, model_dir, per_time=per_time)
+    write_table(result, out)
+    click.echo(f"wrote {len(result)} embedding(s) to {out}", err=True)

@@ -6,9 +6,10 @@ from .synthetic import (
     make_demo_features,
     make_latent_ct,
     make_lesion_benchmark,
+    make_longitudinal_table,
     make_synthetic_ct,
     write_dicom_series,
 )
 
 __all__ = ["SyntheticCT", "make_synthetic_ct", "make_latent_ct", "make_lesion_benchmark", "LATENTS",
-           "write_dicom_series", "make_demo_features"]
+           "make_longitudinal_table", "write_dicom_series", "make_demo_features"]

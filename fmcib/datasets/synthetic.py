@@ -12,7 +12,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 __all__ = ["SyntheticCT", "make_synthetic_ct", "make_latent_ct", "make_lesion_benchmark", "LATENTS",
-           "write_dicom_series", "make_demo_features"]
+           "make_longitudinal_table", "write_dicom_series", "make_demo_features"]
 
 # Typical HU levels of the tissues drawn.
 AIR_HU, LUNG_HU, SOFT_TISSUE_HU, BONE_HU = -1000.0, -850.0, 40.0, 700.0
@@ -300,3 +300,42 @@ def make_lesion_benchmark(folder: str | os.PathLike, pool_scans: int = 40, label
         tables[split] = out / f"{split}.csv"
         table.to_csv(tables[split], index=False)
     return tables
+
+
+def make_longitudinal_table(n_patients: int = 200, time_points: tuple[int, int] = (2, 5), image_dim: int = 16,
+                            clinical_dim: int = 6, missing: float = 0.2, noise: float = 2.0,
+                            random_state: int | None = 0) -> pd.DataFrame:
+    """A long table of patients over time: image features (``pred_*``) and a clinical vector (``clin_*``) per
+    visit, both driven by three hidden binary variables, and a label from a known rule.
+
+    Per patient, ``aggressive``, ``smoker`` and ``responder`` are drawn with probability 1/2. Image features:
+    a fixed random loading of ``smoker`` and ``responder``, plus growth over time for aggressive lesions,
+    slowed for responders (aggressiveness is visible only across visits); clinical values: another loading of the latents plus a drift with time for smokers.
+    Visits are 2-5 (``time_points``) at irregular months; each modality is missing at ``missing`` of the
+    visits (never both). ``label`` = aggressive and not responder. Columns: ``patient``, ``month``,
+    ``pred_*``, ``clin_*``, the three latents and ``label``.
+    """
+    rng = np.random.default_rng(random_state)
+    load_img = np.random.default_rng(1234).normal(size=(3, image_dim))
+    load_img[0] = 0.0  # aggressiveness shows only as growth over time, never in a single visit
+    load_cli = np.random.default_rng(4321).normal(size=(3, clinical_dim))
+    growth = np.random.default_rng(99).normal(size=image_dim)
+    rows = []
+    for p in range(int(n_patients)):
+        z = rng.integers(0, 2, 3)
+        visits = int(rng.integers(time_points[0], time_points[1] + 1))
+        months = np.sort(rng.uniform(0, 36, visits)).round(1)
+        for month in months:
+            slope = 0.04 * z[0] * (1 - 0.8 * z[2])
+            img = z @ load_img + slope * month * growth + rng.normal(scale=noise, size=image_dim)
+            cli = z @ load_cli + 0.03 * z[1] * month + rng.normal(scale=noise, size=clinical_dim)
+            drop = rng.random()
+            if drop < missing:
+                img[:] = np.nan
+            elif drop < 2 * missing:
+                cli[:] = np.nan
+            rows.append({"patient": f"P{p:04d}", "month": float(month),
+                         **{f"pred_{j}": v for j, v in enumerate(img)}, **{f"clin_{j}": v for j, v in enumerate(cli)},
+                         "aggressive": int(z[0]), "smoker": int(z[1]), "responder": int(z[2]),
+                         "label": int(z[0] and not z[2])})
+    return pd.DataFrame(rows)

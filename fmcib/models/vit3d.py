@@ -19,7 +19,7 @@ from ..preprocessing import PreprocessConfig
 from .architectures import register_architecture
 from .registry import ModelConfig, register_model
 
-__all__ = ["ViT3d", "vit3d", "sincos_positions", "VIT3D_TINY_ARGS", "VIT3D_BASE_ARGS"]
+__all__ = ["Block", "ViT3d", "vit3d", "sincos_positions", "VIT3D_TINY_ARGS", "VIT3D_BASE_ARGS"]
 
 
 def _sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -55,10 +55,13 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(N, T, dim)``; ``keys`` ``(N, T)`` booleans: the tokens that may be attended to (padding and
+        hidden tokens are not); every row needs at least one."""
         n, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)
+        mask = None if keys is None else keys[:, None, None, :]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, t, d)
         x = x + self.proj(attended)
         return x + self.mlp(self.norm2(x))
 
