@@ -11,7 +11,7 @@ import click
 from ..exceptions import FmcibError
 
 __all__ = ["EXIT_ROWS_FAILED", "Commands", "PerAxis", "TABLE", "check_device", "extraction_options",
-           "extractor_from_options", "fail", "read_input", "stop_on_sigterm"]
+           "extractor_from_options", "fail", "read_input", "stop_on_sigterm", "training_options"]
 
 # Exit codes: 0 success, 1 error (nothing or not everything could be done), 2 usage error (click),
 # 3 finished but some rows failed (good rows written; reasons in the errors file).
@@ -146,3 +146,22 @@ def read_input(path: Path) -> Any:
     from ..files import read_table
 
     return read_table(path)
+
+
+def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The run options shared by every training command (device, precision, loading, contract, seed, resume)."""
+    options = [
+        click.option("--device", default="auto", show_default=True, callback=check_device),
+        click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"])),
+        click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0)),
+        click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"])),
+        click.option("--patch-size", default=None, type=PerAxis(int),
+                     help="Override the patch size: N or X,Y,Z voxels."),
+        click.option("--spacing", default=None, type=PerAxis(float), help="Override the patch spacing: S or X,Y,Z mm."),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its last checkpoint."),
+        click.option("--no-progress", is_flag=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import EXIT_ROWS_FAILED, TABLE, PerAxis, check_device
+from .common import EXIT_ROWS_FAILED, TABLE, check_device, training_options
 
 
 @click.command()
@@ -37,15 +37,7 @@ from .common import EXIT_ROWS_FAILED, TABLE, PerAxis, check_device
               help="Train on a stratified fraction of the training rows (limited-data curves).")
 @click.option("--translate", default=10, show_default=True, type=click.IntRange(min=0),
               help="Largest random shift per axis, in patch voxels.")
-@click.option("--device", default="auto", show_default=True, callback=check_device)
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
-@click.option("--patch-size", default=None, type=PerAxis(int), help="Override the patch size: N or X,Y,Z voxels.")
-@click.option("--spacing", default=None, type=PerAxis(float), help="Override the patch spacing: S or X,Y,Z mm.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its last checkpoint.")
-@click.option("--no-progress", is_flag=True)
+@training_options
 @click.pass_context
 def finetune(ctx: click.Context, table: Path, label: str, out_dir: Path, tune_col: str | None, model: str,
              weights: Path | None, random_init: bool, head: str, epochs: int, batch_size: int, lr: float,
@@ -144,15 +136,7 @@ def pretrain() -> None:
 @click.option("--accumulate", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--monitor-samples", default=256, show_default=True, type=click.IntRange(min=2),
               help="Lesions on which collapse monitors are computed every epoch.")
-@click.option("--device", default="auto", show_default=True, callback=check_device)
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
-@click.option("--patch-size", default=None, type=PerAxis(int), help="Override the patch size: N or X,Y,Z voxels.")
-@click.option("--spacing", default=None, type=PerAxis(float), help="Override the patch spacing: S or X,Y,Z mm.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its last checkpoint.")
-@click.option("--no-progress", is_flag=True)
+@training_options
 def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | None, data_description: str | None,
                         epochs: int, batch_size: int, temperature: float, random_negatives: int, lr: float,
                         optimizer: str, weight_decay: float, warmup_epochs: float, accumulate: int,
@@ -206,15 +190,7 @@ def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | 
 @click.option("--weight-decay", default=0.04, show_default=True, type=click.FloatRange(min=0))
 @click.option("--warmup-epochs", default=10.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--monitor-samples", default=256, show_default=True, type=click.IntRange(min=2))
-@click.option("--device", default="auto", show_default=True, callback=check_device)
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
-@click.option("--patch-size", default=None, type=PerAxis(int), help="Override the patch size: N or X,Y,Z voxels.")
-@click.option("--spacing", default=None, type=PerAxis(float), help="Override the patch spacing: S or X,Y,Z mm.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its last checkpoint.")
-@click.option("--no-progress", is_flag=True)
+@training_options
 def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | None, mode: str, mask_kind: str,
                       targets: int, views: int, sigreg_lambda: float, data_description: str | None, epochs: int,
                       batch_size: int, lr: float, optimizer: str, weight_decay: float, warmup_epochs: float,

@@ -42,12 +42,14 @@ from ..scans import plan_scans
 from ..tables import load_seed_table
 from .data import Augmentation, PatchDataset, read_crops
 from .engine import Trainer, TrainingConfig, TrainingTask
+from .optim import ema_update
 from .folders import best_weights, starting_point, write_trained_folder
-from .monitors import collapse_warning, embedding_health
+from .monitors import feature_health
 from .regularizers import sigreg, slice_generator
 from .simclr import PretrainResult
 
-__all__ = ["JEPA_COLLAPSE_THRESHOLDS", "MaskSpec", "multiblock_mask", "Predictor", "JEPAModel", "MaskedJEPATask", "LeJEPATask",
+__all__ = ["JEPA_COLLAPSE_THRESHOLDS", "MaskSpec", "multiblock_mask", "Predictor", "JEPAModel", "MaskedJEPATask",
+           "LeJEPATask",
            "JEPAPatches", "pretrain_jepa", "JEPA_AUGMENTATION"]
 
 logger = logging.getLogger(__name__)
@@ -214,14 +216,7 @@ class _JEPAMonitors:
             views = batch["views"].to(device)
             first.append(model.encoder(views[:, 0]).float().cpu())
             second.append(model.encoder(views[:, -1]).float().cpu())
-        f1, f2 = torch.cat(first), torch.cat(second)
-        metrics = embedding_health(f1, f2)
-        standardised = (f1 - f1.mean(0)) / f1.std(0).clamp_min(1e-6)
-        metrics["sigreg"] = float(sigreg(standardised, num_slices=64, generator=slice_generator(0)))
-        warning = collapse_warning(metrics, JEPA_COLLAPSE_THRESHOLDS)
-        if warning:
-            logger.warning("JEPA: %s", warning)
-        return metrics
+        return feature_health(torch.cat(first), torch.cat(second), JEPA_COLLAPSE_THRESHOLDS, "JEPA")
 
 
 class MaskedJEPATask(_JEPAMonitors, TrainingTask):
@@ -245,11 +240,7 @@ class MaskedJEPATask(_JEPAMonitors, TrainingTask):
         return F.smooth_l1_loss(predicted.float(), wanted.float())
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:  # noqa: D102
-        start, end = self.ema
-        momentum = start + (end - start) * min(1.0, step / max(1, total_steps))
-        with torch.no_grad():
-            for online, target in zip(model.encoder.parameters(), model.target.parameters()):
-                target.mul_(momentum).add_(online.detach(), alpha=1 - momentum)
+        ema_update(model.target, model.encoder, step, total_steps, self.ema)
 
 
 class LeJEPATask(_JEPAMonitors, TrainingTask):

@@ -43,7 +43,8 @@ from ..files import atomic_path, read_table
 from ..models.vit3d import Block
 from ..tables import FEATURE_PREFIX
 from .engine import Trainer, TrainingConfig, TrainingTask
-from .monitors import collapse_warning, embedding_health
+from .optim import ema_update
+from .monitors import feature_health
 from .regularizers import sigreg, slice_generator
 
 __all__ = ["Sequences", "read_sequences", "LongitudinalEncoder", "LongitudinalJEPA", "LongitudinalTask",
@@ -288,24 +289,14 @@ class LongitudinalTask(TrainingTask):
         return loss
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:  # noqa: D102
-        start, end = self.ema
-        momentum = start + (end - start) * min(1.0, step / max(1, total_steps))
-        with torch.no_grad():
-            for online, target in zip(model.encoder.parameters(), model.target.parameters()):
-                target.mul_(momentum).add_(online.detach(), alpha=1 - momentum)
+        ema_update(model.target, model.encoder, step, total_steps, self.ema)
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:  # noqa: D102
         pooled = torch.cat([model.encoder({k: v.to(device) for k, v in batch.items()}).float().cpu()
                             for batch in loader])
-        metrics = embedding_health(pooled)
-        standardised = (pooled - pooled.mean(0)) / pooled.std(0).clamp_min(1e-6)
-        metrics["sigreg"] = float(sigreg(standardised, num_slices=64, generator=slice_generator(0)))
         from .jepa import JEPA_COLLAPSE_THRESHOLDS
 
-        warning = collapse_warning(metrics, JEPA_COLLAPSE_THRESHOLDS)
-        if warning:
-            logger.warning("longitudinal JEPA: %s", warning)
-        return metrics
+        return feature_health(pooled, thresholds=JEPA_COLLAPSE_THRESHOLDS, who="longitudinal JEPA")
 
 
 def pretrain_longitudinal(

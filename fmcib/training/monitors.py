@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["embedding_health", "collapse_warning", "COLLAPSE_THRESHOLDS"]
+__all__ = ["embedding_health", "collapse_warning", "feature_health", "COLLAPSE_THRESHOLDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,3 +78,19 @@ def collapse_warning(health: dict[str, float], thresholds: dict[str, float] | No
     return ("the embeddings are collapsing (" + "; ".join(signs) + "): the encoder maps different lesions to "
             "nearly the same features. Lower the learning rate, raise the temperature or the batch, or check "
             "the augmentations")
+
+
+def feature_health(features: torch.Tensor, views: torch.Tensor | None = None,
+                   thresholds: dict[str, float] | None = None, who: str = "training") -> dict[str, float]:
+    """:func:`embedding_health` of an encoder's features plus ``sigreg``, the SIGReg statistic of the features
+    standardised per dimension (how far from an isotropic Gaussian a linear probe sees them; about 1 at
+    best); logs a warning naming ``who`` when :func:`collapse_warning` finds a collapse."""
+    from .regularizers import sigreg, slice_generator
+
+    metrics = embedding_health(features, views)
+    standardised = (features - features.mean(0)) / features.std(0).clamp_min(1e-6)
+    metrics["sigreg"] = float(sigreg(standardised.float(), num_slices=64, generator=slice_generator(0)))
+    warning = collapse_warning(metrics, thresholds)
+    if warning:
+        logger.warning("%s: %s", who, warning)
+    return metrics

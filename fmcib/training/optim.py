@@ -73,3 +73,15 @@ def lr_factor(step: int, config: TrainingConfig, steps_per_epoch: int) -> float:
 def build_schedule(config: TrainingConfig, optimizer: Optimizer, steps_per_epoch: int) -> LambdaLR:
     """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` following :func:`lr_factor`."""
     return LambdaLR(optimizer, lambda step: lr_factor(step, config, steps_per_epoch))
+
+
+def ema_update(target: torch.nn.Module, online: torch.nn.Module, step: int, total_steps: int,
+               momentum: tuple[float, float] = (0.996, 1.0)) -> float:
+    """Move ``target``'s parameters towards ``online``'s: ``t = m t + (1 - m) o``, with ``m`` rising linearly from
+    ``momentum[0]`` to ``momentum[1]`` over the run (I-JEPA's schedule); returns ``m``."""
+    start, end = momentum
+    m = start + (end - start) * min(1.0, step / max(1, total_steps))
+    with torch.no_grad():
+        for t, o in zip(target.parameters(), online.parameters()):
+            t.mul_(m).add_(o.detach(), alpha=1 - m)
+    return m
