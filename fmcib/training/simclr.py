@@ -244,7 +244,9 @@ def _negative_crops(table: pd.DataFrame, lesion_rows: np.ndarray, lesion_crops: 
     if candidates.empty:
         return picked, 0
     cand_rows, cand_crops, _ = read_crops(candidates, contract, margin=margin, coords="lps", name="random patches")
-    body = contract.to_hu(cand_crops.reshape(len(cand_crops), -1).mean(axis=1)) > BODY_HU
+    inner = cand_crops[:, margin:cand_crops.shape[1] - margin, margin:cand_crops.shape[2] - margin,
+                       margin:cand_crops.shape[3] - margin]  # the patch itself, not the margin around it
+    body = contract.to_hu(inner.reshape(len(inner), -1).mean(axis=1)) > BODY_HU
     position = {int(r): i for i, r in enumerate(lesion_rows)}
     taken = np.zeros(len(lesion_rows), int)
     for crop_index, cand_index in enumerate(cand_rows):
