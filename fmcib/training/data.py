@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from ..preprocessing import PreprocessConfig, model_input
 from ..scans import RowError, ScanDataset, plan_scans
 
-__all__ = ["Augmentation", "PatchDataset", "read_crops"]
+__all__ = ["Augmentation", "PatchDataset", "read_crops", "report_unreadable"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,13 @@ def read_crops(table: pd.DataFrame, config: PreprocessConfig, margin: int = 0, c
     stacked = np.concatenate(crops) if crops else np.zeros((0, z, y, x), np.float32)
     order = np.argsort(order_rows, kind="stable")
     return order_rows[order], stacked[order], sorted(errors, key=lambda e: e.row)
+
+
+def report_unreadable(errors: Sequence[RowError], is_main: bool = True) -> None:
+    """Log the rows a training run leaves out because they could not be read (the first 20), on rank 0."""
+    if errors and is_main:
+        logger.warning("%d row(s) could not be read and are left out:\n%s", len(errors),
+                       "\n".join(e.message for e in errors[:20]))
 
 
 def _identity(item: Any) -> Any:

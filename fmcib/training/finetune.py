@@ -27,7 +27,7 @@ from ..models import DEFAULT_MODEL, build_model
 from ..models.checkpoints import CONFIG_NAME, HEAD_WEIGHTS_NAME
 from ..models.heads import build_head, new_head
 from ..tables import load_seed_table
-from .data import Augmentation, PatchDataset, read_crops
+from .data import Augmentation, PatchDataset, read_crops, report_unreadable
 from .engine import Trainer, TrainingConfig, TrainingTask
 from .folders import best_weights, starting_point, write_trained_folder
 
@@ -246,9 +246,7 @@ def finetune(
     train_rows, train_crops, train_errors = crops(train_pos, margin)
     tune_rows, tune_crops, tune_errors = crops(tune_pos, 0) if len(tune_pos) else (np.zeros(0, int), None, [])
     errors = train_errors + tune_errors
-    if errors and context.is_main:
-        logger.warning("%d row(s) could not be read and are left out:\n%s", len(errors),
-                       "\n".join(e.message for e in errors[:20]))
+    report_unreadable(errors, context.is_main)
     targets = lambda rows: np.array([code[v] for v in df[label].iloc[rows]], dtype=np.int64)  # noqa: E731
     train_set = PatchDataset(train_crops, contract, targets(train_rows), rows=train_rows, augmentation=augmentation,
                              margin=margin, seed=seed)

@@ -40,7 +40,7 @@ from ..models.vit3d import Block, sincos_positions
 from ..preprocessing import PreprocessConfig
 from ..scans import plan_scans
 from ..tables import load_seed_table
-from .data import Augmentation, PatchDataset, read_crops
+from .data import Augmentation, PatchDataset, read_crops, report_unreadable
 from .engine import Trainer, TrainingConfig, TrainingTask
 from .optim import ema_update
 from .folders import best_weights, starting_point, write_trained_folder
@@ -315,9 +315,7 @@ def pretrain_jepa(
     grid = encoder.grid((z, y, x))
     margin = augmentation.margin(contract)
     rows, crops, errors = read_crops(df, contract, margin=margin, coords=coords, base_dir=table_dir, name=name)
-    if errors and context.is_main:
-        logger.warning("%d row(s) could not be read and are left out:\n%s", len(errors),
-                       "\n".join(e.message for e in errors[:20]))
+    report_unreadable(errors, context.is_main)
     if len(rows) < 2:
         raise ValueError(f"{name}: JEPA needs at least 2 readable lesions, found {len(rows)}")
     n_views = 1 if mode == "ema" else max(2, int(views))

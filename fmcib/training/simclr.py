@@ -38,7 +38,7 @@ from ..models import build_model
 from ..preprocessing import PreprocessConfig
 from ..scans import plan_scans
 from ..tables import SERIES_COLUMN, load_seed_table
-from .data import Augmentation, PatchDataset, read_crops
+from .data import Augmentation, PatchDataset, read_crops, report_unreadable
 from .engine import Trainer, TrainingConfig, TrainingTask
 from .folders import best_weights, starting_point, write_trained_folder
 from .monitors import collapse_warning, embedding_health
@@ -337,9 +337,7 @@ def pretrain_simclr(
     resolved, contract, config = starting_point(model, weights, True, patch_size, spacing_mm)
     margin = augmentation.margin(contract)
     rows, crops, errors = read_crops(df, contract, margin=margin, coords=coords, base_dir=table_dir, name=name)
-    if errors and context.is_main:
-        logger.warning("%d row(s) could not be read and are left out:\n%s", len(errors),
-                       "\n".join(e.message for e in errors[:20]))
+    report_unreadable(errors, context.is_main)
     if len(rows) < 2:
         raise ValueError(f"{name}: SimCLR needs at least 2 readable lesions, found {len(rows)}")
     negatives, found = None, 0
