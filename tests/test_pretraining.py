@@ -279,7 +279,7 @@ def test_ema_target_moves_towards_the_encoder_with_a_rising_momentum():
             p.add_(1.0)
     before = [p.clone() for p in model.target.parameters()]
     online = [p.clone() for p in model.encoder.parameters()]
-    MaskedJEPATask(model, (2, 2, 2)).after_step(model, step=50, total_steps=100)
+    MaskedJEPATask(model).after_step(model, step=50, total_steps=100)
     momentum = 0.996 + (1.0 - 0.996) * 0.5
     for t, b, o in zip(model.target.parameters(), before, online):
         torch.testing.assert_close(t, momentum * b + (1 - momentum) * o)

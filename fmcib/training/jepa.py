@@ -224,8 +224,8 @@ class MaskedJEPATask(_JEPAMonitors, TrainingTask):
 
     monitor = None
 
-    def __init__(self, model: JEPAModel, grid: tuple[int, int, int], ema: tuple[float, float] = (0.996, 1.0)) -> None:
-        self.model, self.grid, self.ema = model, grid, ema
+    def __init__(self, model: JEPAModel, ema: tuple[float, float] = (0.996, 1.0)) -> None:
+        self.model, self.ema = model, ema
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:  # noqa: D102
         bare: JEPAModel = getattr(model, "module", model)
@@ -324,7 +324,7 @@ def pretrain_jepa(
     pick = np.sort(np.random.default_rng(seed).permutation(len(rows))[:max(2, monitor_samples)])
     monitor_set = JEPAPatches(crops[pick], contract, augmentation, 2, rows=rows[pick], margin=margin, seed=seed + 7919)
     network = JEPAModel(encoder, mode)
-    task: TrainingTask = MaskedJEPATask(network, grid) if mode == "ema" else \
+    task: TrainingTask = MaskedJEPATask(network) if mode == "ema" else \
         LeJEPATask(network, sigreg_lambda, seed=seed, context=context)
     settings = TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                               weight_decay=weight_decay, warmup_epochs=warmup_epochs, precision=precision,
