@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+# bench/ is the working folder of these scripts: its modules import by name
+from extract import environment, report
 
 from fmcib import extract_features
 from fmcib.datasets import LATENTS, make_lesion_benchmark
@@ -33,8 +35,6 @@ from fmcib.probes import LogisticProbe
 from fmcib.tables import feature_matrix
 from fmcib.training import Augmentation, finetune, predict
 from fmcib.training.simclr import pretrain_simclr
-
-from extract import environment, report  # noqa: E402  (bench/ is the working folder of these scripts)
 
 SETTINGS = {  # quick: minutes on 2 CPU cores; full: the recorded run
     "quick": {"pool": 24, "labelled": 16, "test": 16, "patch": 16, "spacing": 2.0, "epochs": 8, "batch": 16,
@@ -60,19 +60,26 @@ def scored(y: np.ndarray, p: np.ndarray, resamples: int, seed: int) -> dict[str,
     return {"auc": ci.estimate, "ci_low": ci.ci_low, "ci_high": ci.ci_high}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_arguments(doc: str, settings: dict[str, dict], name: str) -> tuple[argparse.Namespace, dict, Path]:
+    """The options every learning benchmark takes (--quick, --out-dir, --device, --seed), its settings and its
+    working folder (bench/out/<name>-quick|full unless --out-dir); quiets the expected random-weights notices."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    s = SETTINGS["quick" if args.quick else "full"]
-    work = args.out_dir or Path(__file__).resolve().parent / "out" / f"ssl-{'quick' if args.quick else 'full'}"
+    mode = "quick" if args.quick else "full"
+    work = args.out_dir or Path(__file__).resolve().parent / "out" / f"{name}-{mode}"
     work.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message=".*random weights.*")
     warnings.filterwarnings("ignore", message=".*contract overridden.*")
+    return args, settings[mode], work
+
+
+def main() -> None:
+    args, s, work = benchmark_arguments(__doc__, SETTINGS, "ssl")
     started = time.perf_counter()
     tables = make_lesion_benchmark(work / "data", s["pool"], s["labelled"], s["test"], random_state=args.seed)
     labelled, test = pd.read_csv(tables["labelled"]), pd.read_csv(tables["test"])

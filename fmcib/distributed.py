@@ -15,8 +15,16 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "init_distributed", "launched_by_torchrun", "is_main_process", "broadcast_object", "gather_objects",
-           "on_main_process"]
+__all__ = [
+    "DistributedContext",
+    "broadcast_object",
+    "gather_objects",
+    "gather_with_grad",
+    "init_distributed",
+    "is_main_process",
+    "launched_by_torchrun",
+    "on_main_process",
+]
 
 
 def is_main_process() -> bool:
@@ -92,6 +100,16 @@ def gather_objects(obj: Any, context: DistributedContext) -> list[Any]:
     out: list[Any] = [None] * context.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_with_grad(x: torch.Tensor, context: DistributedContext | None) -> torch.Tensor:
+    """Every rank's ``x`` (same shape on every rank) concatenated in rank order; gradients flow back to the
+    rank that owns each part (for losses over the global batch)."""
+    if context is None or not context.distributed:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 T = TypeVar("T")

@@ -1,4 +1,5 @@
-"""Global-batch losses under torchrun (NT-Xent, SIGReg): each rank holds half of a fixed batch.
+"""Global-batch losses under torchrun (NT-Xent, SIGReg, CLIP's symmetric NT-Xent): each rank holds half of a
+fixed batch.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/pretraining_toys.py OUT_DIR
 """
@@ -13,11 +14,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fmcib.distributed import init_distributed  # noqa: E402
-from fmcib.training.regularizers import sigreg, slice_generator  # noqa: E402
-from fmcib.training.simclr import nt_xent  # noqa: E402
+from fmcib.distributed import init_distributed
+from fmcib.training.alignment import symmetric_nt_xent
+from fmcib.training.regularizers import sigreg, slice_generator
+from fmcib.training.simclr import nt_xent
 
 N, NEG, DIM = 8, 4, 6
+PAIRED = torch.tensor([True, False, True, True, True, True, True, True])  # ranks hold 3 and 4 pairs
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,6 +52,21 @@ def sigreg_and_grad(model: nn.Module, x: torch.Tensor, context=None):
     return value
 
 
+def clip_and_grad(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, paired: torch.Tensor, context=None):
+    """CLIP's symmetric loss between two "modalities" of the same samples (rows without a pair excluded)."""
+    z = model(torch.cat([x1, x2]))
+    n = x1.shape[0]
+    loss = symmetric_nt_xent(z[:n], z[n:], temperature=0.5, valid=paired, context=context)
+    loss.backward()
+    return loss
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value)
+    return value / torch.distributed.get_world_size()
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     context = init_distributed("cpu")
@@ -58,12 +76,13 @@ if __name__ == "__main__":
     negs = slice(context.rank * k, (context.rank + 1) * k)
     model = nn.parallel.DistributedDataParallel(fixed_model())
     loss = loss_and_grad(model, x1[mine], x2[mine], neg[negs], context)
-    mean_loss = loss.detach().clone()
-    torch.distributed.all_reduce(mean_loss)
-    mean_loss /= context.world_size
+    mean_loss = mean_over_ranks(loss)
     regulariser = nn.parallel.DistributedDataParallel(fixed_model())
     value = sigreg_and_grad(regulariser, x1[mine], context)
+    aligned = nn.parallel.DistributedDataParallel(fixed_model())
+    clip = mean_over_ranks(clip_and_grad(aligned, x1[mine], x2[mine], PAIRED[mine], context))
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"loss": mean_loss, "weight_grad": model.module.weight.grad, "bias_grad": model.module.bias.grad,
-                    "sigreg": value.detach(), "sigreg_grad": regulariser.module.weight.grad}, out / "ddp.pt")
+                    "sigreg": value.detach(), "sigreg_grad": regulariser.module.weight.grad,
+                    "clip": clip, "clip_grad": aligned.module.weight.grad}, out / "ddp.pt")

@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pretraining_toys import fixed_batch, fixed_model, loss_and_grad, sigreg_and_grad  # noqa: E402
+from pretraining_toys import PAIRED, clip_and_grad, fixed_batch, fixed_model, loss_and_grad, sigreg_and_grad  # noqa: E402
 
 from fmcib.training.monitors import collapse_warning, embedding_health  # noqa: E402
 from fmcib.training.simclr import background_points, nt_xent  # noqa: E402
@@ -49,7 +49,7 @@ def test_nt_xent_is_simclrs_loss_with_extra_negatives():
 
 
 def test_two_gloo_processes_give_the_global_batch_losses_and_gradients(tmp_path):
-    """NT-Xent and SIGReg: two ranks with half the batch each equal one process with all of it."""
+    """NT-Xent, SIGReg and CLIP's loss: two ranks with half the batch each equal one process with all of it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     env.pop("WORLD_SIZE", None)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -71,6 +71,10 @@ def test_two_gloo_processes_give_the_global_batch_losses_and_gradients(tmp_path)
     assert ddp["sigreg"].item() == pytest.approx(value.item(), rel=1e-5)
     torch.testing.assert_close(ddp["sigreg_grad"], regulariser.weight.grad, rtol=1e-4, atol=1e-7)
     assert abs(sigreg_and_grad(fixed_model(), x1[:4]).item() - value.item()) > 1e-3
+    aligned = fixed_model()  # uneven pairs per rank (3 and 4): still the global batch's mean
+    clip = clip_and_grad(aligned, x1, x2, PAIRED)
+    assert ddp["clip"].item() == pytest.approx(clip.item(), rel=1e-5)
+    torch.testing.assert_close(ddp["clip_grad"], aligned.weight.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_sigreg_matches_the_reference_values():
@@ -335,79 +339,25 @@ def test_jepa_pretraining_writes_a_vit_that_extracts_finetunes_and_beats_random_
     assert json.loads((tmp_path / "lejepa" / "config.json").read_text())["training"]["sigreg_lambda"] == 0.05
 
 
-# -- multimodal longitudinal JEPA --------------------------------------------------------------------------
+def test_jepa_pretraining_under_torchrun_shares_the_lesions_between_two_processes(lesion_benchmark, tmp_path):
+    """Two gloo processes: each trains on its half of the pool (the step count says so) and rank 0 writes a
+    folder that loads strictly as an encoder."""
+    from fmcib import create_model
 
-def test_long_tables_become_padded_sequences_with_missing_modalities_and_dates():
-    from fmcib.training.longitudinal import CLINICAL, IMAGE, read_sequences
-
-    table = pd.DataFrame({
-        "pid": ["a", "a", "b", "c", "c", "c"],
-        "date": ["2020-03-01", "2020-01-01", "2021-06-01", "2019-01-01", "2019-02-01", "2019-03-01"],
-        "pred_0": [1.0, 3.0, np.nan, 5.0, np.nan, 7.0], "pred_1": [0.0, 2.0, np.nan, 1.0, np.nan, 1.0],
-        "clin_age": [60, 60, 70, np.nan, 55, np.nan], "clin_x": [1.0, np.nan, 0.0, np.nan, 2.0, np.nan]})
-    seq, record = read_sequences(table, "pid", "date", clinical_prefix="clin_")
-    assert seq.patients == ["a", "b", "c"] and record["columns"]["image"] == ["pred_0", "pred_1"]
-    assert seq.valid.sum(1).tolist() == [4, 1, 3]  # a: 2 visits x 2 tokens; b: clinical only; c: 2 image + 1 clinical
-    a = seq.modality[0][seq.valid[0]].tolist()
-    assert a == [IMAGE, CLINICAL, IMAGE, CLINICAL]  # January first, then March
-    assert seq.months[0][:4] == pytest.approx([60 / 30.4375] * 2 + [0, 0])  # months before the latest visit
-    assert not np.isnan(seq.image).any() and not np.isnan(seq.clinical).any()  # missing values: never NaN
-    mean, std = np.mean([1, 3, 5, 7]), np.std([1, 3, 5, 7])
-    assert seq.image[0, 0, 0] == pytest.approx((3 - mean) / std)  # standardised with the table's statistics
-    assert not seq.valid[1, 1:].any()  # padding
-
-
-def test_longitudinal_jepa_embeds_patients_without_collapse_and_beats_random_init(tmp_path):
-    import shutil
-
-    from click.testing import CliRunner
-    from safetensors.torch import save_file
-
-    from fmcib import embed_patients
-    from fmcib.cli import main
-    from fmcib.datasets import make_longitudinal_table
-    from fmcib.evaluation import auc
-    from fmcib.probes import LogisticProbe
-    from fmcib.training.jepa import JEPA_COLLAPSE_THRESHOLDS
-    from fmcib.training.longitudinal import LongitudinalEncoder
-
-    torch.set_num_threads(2)
-    targets = ["label", "aggressive", "smoker", "responder"]
-    make_longitudinal_table(300, random_state=0).drop(columns=targets).to_csv(tmp_path / "pool.csv", index=False)
-    labelled, test = make_longitudinal_table(120, random_state=1), make_longitudinal_table(120, random_state=2)
-    out = tmp_path / "longitudinal"
-    res = CliRunner().invoke(main, ["pretrain", "jepa-multimodal", "--table", str(tmp_path / "pool.csv"),
-                                    "--patient-col", "patient", "--time-col", "month", "--clinical-prefix", "clin_",
-                                    "--width", "64", "--epochs", "20", "--batch-size", "32", "--warmup-epochs", "2",
-                                    "--out-dir", str(out), "--no-progress"])
-    assert res.exit_code == 0, res.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env.pop("WORLD_SIZE", None)
+    out = tmp_path / "jepa"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fmcib", "pretrain", "jepa", "--csv", str(lesion_benchmark["pool"]), "--out-dir",
+                          str(out), "--model", "vit3d_tiny.random", "--epochs", "2", "--batch-size", "4",
+                          "--warmup-epochs", "0", "--patch-size", "24", "--spacing", "2", "--device", "cpu",
+                          "--monitor-samples", "8", "--data-description", "Synthetic lesions", "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lesions = len(pd.read_csv(lesion_benchmark["pool"]))
     metrics = pd.read_csv(out / "metrics.csv")
-    assert metrics["tune_rankme"].iloc[-1] > JEPA_COLLAPSE_THRESHOLDS["rankme"]  # no collapse
-    assert metrics["tune_std"].iloc[-1] > 0.1 and metrics["train_loss"].iloc[-1] > 1e-3
-    assert "no labels were used" in (out / "README.md").read_text()
-
-    random_dir = tmp_path / "random"  # the same architecture, untrained: the baseline
-    shutil.copytree(out, random_dir)
-    config = json.loads((out / "config.json").read_text())
-    torch.manual_seed(0)
-    save_file(LongitudinalEncoder(**config["model_args"]).state_dict(), str(random_dir / "model.safetensors"))
-
-    def mean_probe_auc(folder):  # over the label and the three hidden variables
-        train, held = embed_patients(labelled, folder), embed_patients(test, folder)
-        scores = []
-        for target in targets:
-            y_train = labelled.groupby("patient", sort=False)[target].first().to_numpy()
-            y_test = test.groupby("patient", sort=False)[target].first().to_numpy()
-            probe = LogisticProbe(n_trials=5, random_state=0).fit(train.filter(like="emb_"), y_train)
-            scores.append(auc(y_test, probe.predict_proba(held.filter(like="emb_"))[:, 1]))
-        return np.mean(scores)
-
-    assert mean_probe_auc(out) > mean_probe_auc(random_dir)
-
-    res = CliRunner().invoke(main, ["embed", "--table", str(tmp_path / "pool.csv"), "--model", str(out), "--out",
-                                    str(tmp_path / "per_time.csv"), "--per-time"])
-    assert res.exit_code == 0, res.output
-    per_time = pd.read_csv(tmp_path / "per_time.csv")
-    pool = pd.read_csv(tmp_path / "pool.csv")
-    assert len(per_time) == len(pool.drop_duplicates(["patient", "month"]))
-    assert list(per_time.columns[:3]) == ["patient", "month", "emb_0"] and per_time.filter(like="emb_").shape[1] == 64
+    assert metrics["step"].tolist() == [(lesions // 2) // 4 * e for e in (1, 2)]  # half the pool per process
+    assert np.isfinite(metrics["train_loss"]).all()
+    model = create_model("vit3d_tiny.random", weights=out)
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.rand(2, 1, 24, 24, 24))).all()

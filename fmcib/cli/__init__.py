@@ -5,7 +5,8 @@ and :class:`~fmcib.cli.common.Commands` turns the package's errors into one-line
     seeds      fmcib seeds, fmcib qc                         (seeds.py)
     weights    fmcib models, weights convert|download, hub push (weights.py)
     analysis   fmcib probe, survival, stability, tsne, saliency (analysis.py)
-    training   fmcib finetune, predict, pretrain simclr|jepa|jepa-multimodal, embed (training.py)
+    training   fmcib finetune, predict, pretrain simclr|jepa  (training.py)
+    longitudinal  fmcib pretrain jepa-multimodal|align|layered, embed; finetune/predict --table (longitudinal.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import click
 
 from .._version import __version__
-from . import analysis, extract, seeds, training, weights
+from . import analysis, extract, longitudinal, seeds, training, weights
 from .common import EXIT_ROWS_FAILED, Commands, PerAxis
 
 __all__ = ["main", "EXIT_ROWS_FAILED", "PerAxis"]
@@ -36,5 +37,5 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
 
 for _command in (extract.extract, seeds.seeds, seeds.qc, weights.models_cmd, weights.weights, analysis.probe,
                  analysis.survival, analysis.stability, analysis.tsne, analysis.saliency, training.finetune,
-                 training.predict, training.pretrain, training.embed, weights.hub):
+                 training.predict, training.pretrain, longitudinal.embed, weights.hub):
     main.add_command(_command)

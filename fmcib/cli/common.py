@@ -10,8 +10,8 @@ import click
 
 from ..exceptions import FmcibError
 
-__all__ = ["EXIT_ROWS_FAILED", "Commands", "PerAxis", "TABLE", "check_device", "extraction_options",
-           "extractor_from_options", "fail", "read_input", "stop_on_sigterm", "training_options"]
+__all__ = ["EXIT_ROWS_FAILED", "Commands", "PerAxis", "TABLE", "check_device", "echo_finetuned",
+           "extraction_options", "extractor_from_options", "fail", "read_input", "stop_on_sigterm", "training_options"]
 
 # Exit codes: 0 success, 1 error (nothing or not everything could be done), 2 usage error (click),
 # 3 finished but some rows failed (good rows written; reasons in the errors file).
@@ -165,3 +165,16 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def echo_finetuned(result: Any, tune_metric: str, out_dir: Path, unit: str) -> None:
+    """The one-line summary of a finished fine-tune (rank 0 only): counts, the kept epoch and its tuning metric."""
+    from ..distributed import is_main_process
+
+    if not is_main_process():
+        return
+    best = result.best_metrics.get(f"tune_{tune_metric}")
+    shown = f"tuning {tune_metric} {best:.3f} at epoch {result.best_epoch}" if best is not None else \
+        f"epoch {result.best_epoch} kept"
+    click.echo(f"fine-tuned on {result.counts['train']} {unit} ({result.counts['tune']} tuning): {shown}; "
+               f"wrote {out_dir}", err=True)

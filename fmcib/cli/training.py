@@ -1,4 +1,5 @@
-"""``fmcib finetune`` (full fine-tuning, DDP under torchrun) and ``fmcib predict`` (a fine-tuned model's classes)."""
+"""``fmcib finetune`` (full fine-tuning, DDP under torchrun), ``fmcib predict`` (a fine-tuned model's classes) and
+``fmcib pretrain simclr|jepa``; the long-table (patient) routes and commands are in :mod:`fmcib.cli.longitudinal`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,21 @@ from typing import Any
 
 import click
 
-from .common import EXIT_ROWS_FAILED, TABLE, check_device, training_options
+from .common import EXIT_ROWS_FAILED, TABLE, check_device, echo_finetuned, training_options
+
+
+IMAGE_ONLY = ("model", "optimizer", "accumulate", "clip_grad_norm", "translate", "precision", "num_workers", "coords",
+              "patch_size", "spacing")
 
 
 @click.command()
-@click.option("--csv", "table", required=True, type=TABLE, help="Seeds table with a label column.")
+@click.option("--csv", "table", default=None, type=TABLE, help="Seeds table with a label column.")
+@click.option("--table", "long_table", default=None, type=TABLE,
+              help="Instead of --csv: a long table (one row per patient and time point) with a per-patient label; "
+                   "fine-tunes a longitudinal encoder (--weights DIR from fmcib pretrain jepa-multimodal|align).")
+@click.option("--patient-col", default=None, help="--table: patient id column (taken from --weights if omitted).")
+@click.option("--time-col", default=None, help="--table: time column (taken from --weights if omitted).")
+@click.option("--clinical-prefix", default=None, help="--table with --random-init alone: clinical column prefix.")
 @click.option("--label", required=True, help="Column with the classes (rows without one are left out).")
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the fine-tuned model (config.json, model.safetensors, head.safetensors, metrics.csv).")
@@ -20,7 +31,8 @@ from .common import EXIT_ROWS_FAILED, TABLE, check_device, training_options
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
               help="Start from local weights (e.g. an earlier fine-tuned folder).")
 @click.option("--random-init", is_flag=True, help="Start from random weights (the supervised baseline).")
-@click.option("--head", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]))
+@click.option("--head", default=None, type=click.Choice(["linear", "mlp"]),
+              help="[default: linear for --csv, mlp for --table]")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Per process.")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
@@ -39,9 +51,11 @@ from .common import EXIT_ROWS_FAILED, TABLE, check_device, training_options
               help="Largest random shift per axis, in patch voxels.")
 @training_options
 @click.pass_context
-def finetune(ctx: click.Context, table: Path, label: str, out_dir: Path, tune_col: str | None, model: str,
-             weights: Path | None, random_init: bool, head: str, epochs: int, batch_size: int, lr: float,
-             optimizer: str, weight_decay: float, warmup_epochs: float, accumulate: int, clip_grad_norm: float | None,
+def finetune(ctx: click.Context, table: Path | None, long_table: Path | None, patient_col: str | None,
+             time_col: str | None, clinical_prefix: str | None, label: str, out_dir: Path, tune_col: str | None,
+             model: str, weights: Path | None, random_init: bool, head: str | None, epochs: int, batch_size: int,
+             lr: float, optimizer: str, weight_decay: float, warmup_epochs: float, accumulate: int,
+             clip_grad_norm: float | None,
              class_weights: bool, tune_metric: str, patience: int | None, fraction: float | None, translate: int,
              device: str, precision: str, num_workers: int, coords: str, patch_size: Any, spacing: Any, seed: int,
              resume: bool, no_progress: bool) -> None:
@@ -51,10 +65,35 @@ def finetune(ctx: click.Context, table: Path, label: str, out_dir: Path, tune_co
     Example:
       fmcib finetune --csv train.csv --label malignant --tune-col is_tune --out-dir finetuned/
     Several processes (DDP): torchrun --nproc-per-node 2 -m fmcib finetune ...
+    Patients over time (a longitudinal encoder, masked mean pooling and an MLP head):
+      fmcib finetune --table long.csv --label progression --weights longitudinal/ --out-dir patients/
     """
     from ..training import Augmentation
     from ..training import finetune as run_finetune
 
+    if (table is None) == (long_table is None):
+        raise click.UsageError("give --csv (lesions) or --table (patients over time)")
+    if long_table is not None:
+        from click.core import ParameterSource
+
+        from .longitudinal import finetune_table
+
+        explicit = [f"--{n.replace('_', '-')}" for n in IMAGE_ONLY
+                    if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+        if explicit:
+            raise click.UsageError(f"{', '.join(explicit)}: not used with --table (patients are trained with AdamW "
+                                   "on their token sequences)")
+        finetune_table(long_table, label, out_dir, weights, random_init, patient_col, time_col, clinical_prefix, {
+            "head": head or "mlp", "tune_col": tune_col, "fraction": fraction, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
+            "class_weights": class_weights, "tune_metric": tune_metric, "patience": patience,
+            "device": None if device == "auto" else device, "seed": seed, "resume": resume,
+            "progress": not no_progress})
+        return
+    for name in ("patient_col", "time_col", "clinical_prefix"):
+        if ctx.params[name] is not None:
+            raise click.UsageError(f"--{name.replace('_', '-')} goes with --table")
+    head = head or "linear"
     if random_init and weights is not None:
         raise click.UsageError("--random-init and --weights exclude each other")
     result = run_finetune(
@@ -65,18 +104,13 @@ def finetune(ctx: click.Context, table: Path, label: str, out_dir: Path, tune_co
         augmentation=Augmentation(translate_voxels=translate), device=None if device == "auto" else device,
         precision=precision, num_workers=num_workers, seed=seed, resume=resume, coords=coords,
         patch_size=patch_size, spacing_mm=spacing, progress=not no_progress)
-    from ..distributed import is_main_process
-
-    if is_main_process():
-        best = result.best_metrics.get(f"tune_{tune_metric}")
-        shown = f"tuning {tune_metric} {best:.3f} at epoch {result.best_epoch}" if best is not None else \
-            f"epoch {result.best_epoch} kept"
-        click.echo(f"fine-tuned on {result.counts['train']} rows ({result.counts['tune']} tuning): {shown}; "
-                   f"wrote {out_dir}", err=True)
+    echo_finetuned(result, tune_metric, out_dir, "rows")
 
 
 @click.command()
-@click.option("--csv", "table", required=True, type=TABLE, help="Seeds table.")
+@click.option("--csv", "table", default=None, type=TABLE, help="Seeds table.")
+@click.option("--table", "long_table", default=None, type=TABLE,
+              help="Instead of --csv: a long table of patients over time (a model from fmcib finetune --table).")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder written by `fmcib finetune`.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".csv or .parquet")
@@ -86,12 +120,20 @@ def finetune(ctx: click.Context, table: Path, label: str, out_dir: Path, tune_co
 @click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"]))
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
-def predict(ctx: click.Context, table: Path, model_dir: Path, out: Path, device: str, batch_size: int,
-            num_workers: int | None, coords: str, no_progress: bool) -> None:
+def predict(ctx: click.Context, table: Path | None, long_table: Path | None, model_dir: Path, out: Path, device: str,
+            batch_size: int, num_workers: int | None, coords: str, no_progress: bool) -> None:
     """Class probabilities (prob_<class>) and prediction of a fine-tuned model, with the input columns.
 
-    Rows that fail are listed in <out stem>.errors.csv and the exit status is 3.
+    Rows that fail are listed in <out stem>.errors.csv and the exit status is 3. With --table: one row per
+    patient.
     """
+    if (table is None) == (long_table is None):
+        raise click.UsageError("give --csv (lesions) or --table (patients over time)")
+    if long_table is not None:
+        from .longitudinal import predict_table
+
+        predict_table(long_table, model_dir, out)
+        return
     from ..files import check_outputs, check_table_output, write_table
     from ..runs import errors_path
     from ..training import predict as run_predict
@@ -111,7 +153,8 @@ def predict(ctx: click.Context, table: Path, model_dir: Path, out: Path, device:
 
 @click.group()
 def pretrain() -> None:
-    """Self-supervised pretraining of an encoder on unlabelled lesions."""
+    """Pretraining: encoders of lesion patches (simclr, jepa) and of patients over time (jepa-multimodal, align,
+    layered)."""
 
 
 @pretrain.command("simclr")
@@ -218,74 +261,3 @@ def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | No
         click.echo(f"pretrained ({mode}) on {result.counts['lesions']} lesions: last epoch loss "
                    f"{last.get('train_loss', float('nan')):.4g}, effective rank "
                    f"{last.get('tune_rankme', float('nan')):.3g}; wrote {out_dir}", err=True)
-
-
-def _column_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    return [c.strip() for c in value.split(",") if c.strip()] if value else None
-
-
-@pretrain.command("jepa-multimodal")
-@click.option("--table", required=True, type=TABLE,
-              help="Long table: one row per patient and time point, image features (pred_*) and clinical columns.")
-@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--patient-col", required=True)
-@click.option("--time-col", required=True, help="Months, or dates.")
-@click.option("--clinical-cols", default=None, callback=_column_list, help="Clinical columns, separated by commas.")
-@click.option("--clinical-prefix", default=None, help="Instead of --clinical-cols: every column with this prefix.")
-@click.option("--width", default=128, show_default=True, type=click.IntRange(min=8))
-@click.option("--depth", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--mask-ratio", default=0.15, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True))
-@click.option("--sigreg-lambda", default=0.0, show_default=True, type=click.FloatRange(min=0, max=1))
-@click.option("--data-description", default=None,
-              help="What the patients are (cohort, sites, licence): for the model card.")
-@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=2))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--warmup-epochs", default=5.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--device", default="auto", show_default=True, callback=check_device)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--resume", is_flag=True)
-@click.option("--no-progress", is_flag=True)
-def pretrain_multimodal_cmd(table: Path, out_dir: Path, patient_col: str, time_col: str,
-                            clinical_cols: list[str] | None, clinical_prefix: str | None, width: int, depth: int,
-                            heads: int, mask_ratio: float, sigreg_lambda: float, data_description: str | None,
-                            epochs: int, batch_size: int, lr: float, warmup_epochs: float, device: str, seed: int,
-                            resume: bool, no_progress: bool) -> None:
-    """Multimodal longitudinal JEPA over image features and clinical vectors in time (Li et al.).
-
-    \b
-    Example:
-      fmcib pretrain jepa-multimodal --table long.csv --patient-col patient --time-col month \\
-        --clinical-prefix clin_ --out-dir longitudinal/
-    """
-    from ..distributed import is_main_process
-    from ..training.longitudinal import pretrain_longitudinal
-
-    config = pretrain_longitudinal(
-        table, out_dir, patient_col=patient_col, time_col=time_col, clinical_cols=clinical_cols,
-        clinical_prefix=clinical_prefix, width=width, depth=depth, heads=heads, mask_ratio=mask_ratio,
-        sigreg_lambda=sigreg_lambda, epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
-        data_description=data_description, device=None if device == "auto" else device, seed=seed, resume=resume,
-        progress=not no_progress)
-    if is_main_process():
-        train = config["training"]
-        click.echo(f"pretrained on {train['patients']} patients ({train['tokens']} tokens); wrote {out_dir}", err=True)
-
-
-@click.command()
-@click.option("--table", required=True, type=TABLE, help="Long table with the model's columns.")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder written by `fmcib pretrain jepa-multimodal`.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".csv or .parquet")
-@click.option("--per-time", is_flag=True, help="One row per patient and time point instead of per patient.")
-def embed(table: Path, model_dir: Path, out: Path, per_time: bool) -> None:
-    """Patient embeddings (emb_* columns) of a multimodal longitudinal model."""
-    from ..files import check_outputs, check_table_output, write_table
-    from ..training.longitudinal import embed_patients
-
-    check_table_output(out)
-    check_outputs({"--table": table}, {"--out": out})
-    result = embed_patients(table, model_dir, per_time=per_time)
-    write_table(result, out)
-    click.echo(f"wrote {len(result)} embedding(s) to {out}", err=True)

@@ -1,6 +1,11 @@
 """Training: one engine (:class:`Trainer`) for every method, its data and optimisers, and full fine-tuning.
 
 Runs on one CPU/GPU/MPS, or on several processes under ``torchrun`` (DistributedDataParallel).
+
+Methods, one module each: :mod:`.finetune` (image fine-tuning), :mod:`.simclr`, :mod:`.jepa` (image JEPA and
+LeJEPA), and for patients over time :mod:`.longitudinal` (the multimodal JEPA and the encoder family),
+:mod:`.alignment` (CLIP-style stage), :mod:`.patients` (fine-tuning on patient labels) and :mod:`.layered`
+(the staged schedule).
 """
 
 from ..distributed import DistributedContext, init_distributed

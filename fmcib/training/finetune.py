@@ -28,7 +28,7 @@ from ..models.checkpoints import CONFIG_NAME, HEAD_WEIGHTS_NAME
 from ..models.heads import build_head, new_head
 from ..tables import load_seed_table
 from .data import Augmentation, PatchDataset, read_crops, report_unreadable
-from .engine import Trainer, TrainingConfig, TrainingTask
+from .engine import Trainer, TrainingConfig, TrainingTask, _to_device
 from .folders import best_weights, starting_point, write_trained_folder
 
 __all__ = ["Classifier", "ClassificationTask", "FineTuneResult", "finetune", "predict", "read_finetuned",
@@ -82,7 +82,7 @@ class ClassificationTask(TrainingTask):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:  # noqa: D102
         probs, targets, losses = [], [], []
         for batch in loader:
-            logits = model(batch["input"].to(device)).float()
+            logits = model(_to_device(batch["input"], device)).float()
             losses.append(float(nn.functional.cross_entropy(logits, batch["target"].long().to(device),
                                                             reduction="sum")))
             probs.append(torch.softmax(logits, dim=1).cpu().numpy())

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..distributed import DistributedContext, init_distributed
+from ..distributed import DistributedContext, gather_with_grad, init_distributed
 from ..models import build_model
 from ..preprocessing import PreprocessConfig
 from ..scans import plan_scans
@@ -74,15 +74,6 @@ class SimCLRModel(nn.Module):
         return self.projector(self.encoder(x))
 
 
-def _gather_with_grad(x: torch.Tensor, context: DistributedContext | None) -> torch.Tensor:
-    """Every rank's ``x`` concatenated in rank order; gradients flow back to the rank that owns each part."""
-    if context is None or not context.distributed:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
-
-
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, negatives: torch.Tensor | None = None, temperature: float = 0.1,
             context: DistributedContext | None = None) -> torch.Tensor:
     """NT-Xent of this rank's ``n`` pairs against the global batch (mean over its ``2n`` anchors).
@@ -94,11 +85,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, negatives: torch.Tensor | None =
     """
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
     n = z1.shape[0]
-    all1, all2 = _gather_with_grad(z1, context), _gather_with_grad(z2, context)
+    all1, all2 = gather_with_grad(z1, context), gather_with_grad(z2, context)
     total = all1.shape[0]
     candidates = [all1, all2]
     if negatives is not None and negatives.numel():
-        candidates.append(_gather_with_grad(F.normalize(negatives.float(), dim=1), context))
+        candidates.append(gather_with_grad(F.normalize(negatives.float(), dim=1), context))
     candidates_ = torch.cat(candidates, dim=0)
     anchors = torch.cat([z1, z2], dim=0)
     logits = anchors @ candidates_.T / temperature
