@@ -300,6 +300,9 @@ def test_layered_schedule_keeps_finished_stages_and_resumes_an_interrupted_one_e
     monkeypatch.setattr(ClassificationTask, "loss", original)
     assert (tmp_path / "run" / "2-align" / "README.md").is_file()
     assert not (tmp_path / "run" / "3-finetune" / "config.json").exists()
+    other = {**kwargs, "finetune": {"epochs": 3, "batch_size": 16, "class_weights": True}}  # not an engine setting
+    with pytest.raises(FmcibError, match="3-finetune.*interrupted finetune stage started with other settings"):
+        train_layered(table, tmp_path / "run", **other)
 
     ran = []
     real_run = layered._run_stage
@@ -434,3 +437,34 @@ def test_alignment_under_torchrun_splits_the_patients_between_two_processes(coho
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["step"].tolist() == [(patients // 2) // 32 * e for e in (1, 2)]  # half the patients each
     assert np.isfinite(metrics["train_loss"]).all() and (out / "README.md").is_file()
+
+
+def test_extract_output_of_the_imaging_cohort_joins_the_long_table(tmp_path):
+    """CT per visit -> fmcib extract (its pred_* columns, input columns kept) -> long table with the visits that
+    have no scan -> jepa-multimodal -> embed: one row per patient."""
+    from fmcib.datasets import make_longitudinal_ct
+
+    cohort = make_longitudinal_ct(tmp_path / "ct", n_patients=12, random_state=5)
+    scanned = cohort["image_path"] != ""
+    cohort[scanned].to_csv(tmp_path / "scans.csv", index=False)
+    res = CliRunner().invoke(main, ["extract", "--csv", str(tmp_path / "scans.csv"), "--model", "resnet10_3d.random",
+                                    "--patch-size", "16", "--spacing", "2", "--out", str(tmp_path / "features.csv"),
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    features = pd.read_csv(tmp_path / "features.csv")
+    assert features.filter(like="pred_").shape == (scanned.sum(), 512) and "clin_marker" in features.columns
+    long = pd.concat([features, cohort[~scanned]], ignore_index=True)
+    long.to_csv(tmp_path / "long.csv", index=False)
+    out = tmp_path / "jepa"
+    res = CliRunner().invoke(main, ["pretrain", "jepa-multimodal", "--table", str(tmp_path / "long.csv"), *COLUMNS,
+                                    "--width", "16", "--depth", "1", "--epochs", "2", "--batch-size", "4",
+                                    "--out-dir", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["columns"]["image"]) == 512 and config["columns"]["clinical"] == [
+        "clin_marker", "clin_smoking", "clin_weight", "clin_age"]
+    assert config["training"]["tokens"] == scanned.sum() + cohort["clin_marker"].notna().sum()
+    res = CliRunner().invoke(main, ["embed", "--table", str(tmp_path / "long.csv"), "--model", str(out), "--out",
+                                    str(tmp_path / "emb.csv")])
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(tmp_path / "emb.csv")["patient"].tolist() == cohort["patient"].unique().tolist()

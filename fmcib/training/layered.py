@@ -2,10 +2,10 @@
 
 One call runs the stages in order, each in its own folder under ``out_dir`` (``1-jepa``, ``2-align``,
 ``3-finetune``), each starting from the previous one's encoder. ``layered.json`` records every finished
-stage with a signature of what made it (its settings and the folder it started from). Running the same
-call again continues where it stopped: finished stages with the same signature are kept, an interrupted
-stage resumes from its last checkpoint (the engine's exact resume), and a finished stage whose signature
-differs is an error, never silently reused.
+stage, and the one running, with a signature of what made it (its settings and the folder it started
+from). Running the same call again continues where it stopped: finished stages with the same signature are
+kept, an interrupted stage resumes from its last checkpoint (the engine's exact resume), and a stage whose
+signature differs, finished or interrupted, is an error, never silently reused.
 """
 
 from __future__ import annotations
@@ -110,25 +110,36 @@ def train_layered(
         signature = _signature(stage, recorded, source_stamp)
         finished = (folder / CONFIG_NAME).is_file() and (folder / CARD_NAME).is_file()
         entry = done.get(folder.name)
-        if finished and entry is not None and entry["signature"] == signature:
-            pass  # kept as it is
-        elif finished:
+        same = entry is not None and entry["signature"] == signature
+        if finished and not (same and entry.get("finished", True)):
             raise FmcibError(f"'{folder}' holds a finished {stage} stage made with other settings or from another "
                              f"start; use another output folder or delete '{folder}'")
-        else:
+        if not finished:
             resume = (folder / CHECKPOINT_DIR / STATE_NAME).is_file()
-            _run_stage(stage, table, folder, dict(options), resume)
+            if resume and not same:
+                raise FmcibError(f"'{folder}' holds an interrupted {stage} stage started with other settings or from "
+                                 f"another start; run it again with the same ones, or delete '{folder}'")
             entry = {"stage": stage, "folder": folder.name, "signature": signature, "started_from": source,
-                     "settings": recorded}
+                     "settings": recorded, "finished": False}
+            plan = _write_plan(out, plan, [*entries, entry], context)  # an interrupted stage is known by its settings
+            _run_stage(stage, table, folder, dict(options), resume)
+            entry["finished"] = True
         entries.append(entry)
-        plan = {"stages": entries + [e for e in plan["stages"] if e["folder"] not in {x["folder"] for x in entries}],
-                "final": str(folder)}
-        if context.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            with atomic_path(plan_path) as tmp:
-                tmp.write_text(json.dumps(plan, indent=1, default=str))
-        context.barrier()
+        plan = _write_plan(out, plan, entries, context)
         source = str(folder)
+    return plan
+
+
+def _write_plan(out: Path, plan: dict[str, Any], entries: list[dict[str, Any]], context: Any) -> dict[str, Any]:
+    """``layered.json`` with ``entries`` first (then earlier entries of other folders) and the last as final."""
+    names = {e["folder"] for e in entries}
+    plan = {"stages": entries + [e for e in plan["stages"] if e["folder"] not in names],
+            "final": str(out / entries[-1]["folder"])}
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / PLAN_NAME) as tmp:
+            tmp.write_text(json.dumps(plan, indent=1, default=str))
+    context.barrier()
     return plan
 
 
