@@ -10,7 +10,7 @@ import click
 
 from ..exceptions import FmcibError
 
-__all__ = ["EXIT_ROWS_FAILED", "Commands", "PerAxis", "TABLE", "check_device", "echo_finetuned",
+__all__ = ["EXIT_ROWS_FAILED", "Commands", "PerAxis", "TABLE", "check_device", "echo_finetuned", "echo_pretrained",
            "extraction_options", "extractor_from_options", "fail", "read_input", "stop_on_sigterm", "training_options"]
 
 # Exit codes: 0 success, 1 error (nothing or not everything could be done), 2 usage error (click),
@@ -178,3 +178,14 @@ def echo_finetuned(result: Any, tune_metric: str, out_dir: Path, unit: str) -> N
         f"epoch {result.best_epoch} kept"
     click.echo(f"fine-tuned on {result.counts['train']} {unit} ({result.counts['tune']} tuning): {shown}; "
                f"wrote {out_dir}", err=True)
+
+
+def echo_pretrained(result: Any, out_dir: Path, what: str) -> None:
+    """The one-line summary of a finished pretraining run (rank 0 only): the last epoch's loss and effective rank."""
+    from ..distributed import is_main_process
+
+    if not is_main_process():
+        return
+    last = result.history[-1] if result.history else {}
+    click.echo(f"pretrained {what}: last epoch loss {last.get('train_loss', float('nan')):.4g}, effective rank "
+               f"{last.get('tune_rankme', float('nan')):.3g}; wrote {out_dir}", err=True)

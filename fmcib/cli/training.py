@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from .common import EXIT_ROWS_FAILED, TABLE, check_device, echo_finetuned, training_options
-
+from .common import EXIT_ROWS_FAILED, TABLE, check_device, echo_finetuned, echo_pretrained, training_options
 
 IMAGE_ONLY = ("model", "optimizer", "accumulate", "clip_grad_norm", "translate", "precision", "num_workers", "coords",
               "patch_size", "spacing")
@@ -192,7 +191,6 @@ def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | 
       fmcib pretrain simclr --csv pool.csv --out-dir simclr/ --data-description "NLST nodules, 2002-2004"
     Several processes (DDP, the loss over the global batch): torchrun --nproc-per-node 4 -m fmcib pretrain simclr ...
     """
-    from ..distributed import is_main_process
     from ..training.simclr import pretrain_simclr
 
     result = pretrain_simclr(
@@ -202,12 +200,7 @@ def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | 
         data_description=data_description, device=None if device == "auto" else device, precision=precision,
         num_workers=num_workers, seed=seed, resume=resume, coords=coords, patch_size=patch_size, spacing_mm=spacing,
         progress=not no_progress)
-    if is_main_process():
-        last = result.history[-1] if result.history else {}
-        click.echo(f"pretrained on {result.counts['lesions']} lesions ({result.counts['scans']} scans): last epoch "
-                   f"loss {last.get('train_loss', float('nan')):.4g}, effective rank "
-                   f"{last.get('tune_rankme', float('nan')):.3g}; "
-                   f"wrote {out_dir}", err=True)
+    echo_pretrained(result, out_dir, f"on {result.counts['lesions']} lesions ({result.counts['scans']} scans)")
 
 
 @pretrain.command("jepa")
@@ -245,7 +238,6 @@ def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | No
     Example:
       fmcib pretrain jepa --csv pool.csv --out-dir jepa/ --mode lejepa --data-description "..."
     """
-    from ..distributed import is_main_process
     from ..training.jepa import MaskSpec, pretrain_jepa
 
     result = pretrain_jepa(
@@ -256,8 +248,4 @@ def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | No
         data_description=data_description, device=None if device == "auto" else device, precision=precision,
         num_workers=num_workers, seed=seed, resume=resume, coords=coords, patch_size=patch_size, spacing_mm=spacing,
         progress=not no_progress)
-    if is_main_process():
-        last = result.history[-1] if result.history else {}
-        click.echo(f"pretrained ({mode}) on {result.counts['lesions']} lesions: last epoch loss "
-                   f"{last.get('train_loss', float('nan')):.4g}, effective rank "
-                   f"{last.get('tune_rankme', float('nan')):.3g}; wrote {out_dir}", err=True)
+    echo_pretrained(result, out_dir, f"({mode}) on {result.counts['lesions']} lesions")
