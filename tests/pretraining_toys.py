@@ -21,6 +21,7 @@ from fmcib.training.simclr import nt_xent
 
 N, NEG, DIM = 8, 4, 6
 PAIRED = torch.tensor([True, False, True, True, True, True, True, True])  # ranks hold 3 and 4 pairs
+ONE_SIDED = torch.tensor([False] * 4 + [True] * 4)  # rank 0 holds no pair at all
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,8 +82,11 @@ if __name__ == "__main__":
     value = sigreg_and_grad(regulariser, x1[mine], context)
     aligned = nn.parallel.DistributedDataParallel(fixed_model())
     clip = mean_over_ranks(clip_and_grad(aligned, x1[mine], x2[mine], PAIRED[mine], context))
+    lopsided = nn.parallel.DistributedDataParallel(fixed_model())
+    one_sided = mean_over_ranks(clip_and_grad(lopsided, x1[mine], x2[mine], ONE_SIDED[mine], context))
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"loss": mean_loss, "weight_grad": model.module.weight.grad, "bias_grad": model.module.bias.grad,
                     "sigreg": value.detach(), "sigreg_grad": regulariser.module.weight.grad,
-                    "clip": clip, "clip_grad": aligned.module.weight.grad}, out / "ddp.pt")
+                    "clip": clip, "clip_grad": aligned.module.weight.grad, "one_sided": one_sided,
+                    "one_sided_grad": lopsided.module.weight.grad}, out / "ddp.pt")

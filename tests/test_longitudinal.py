@@ -418,7 +418,8 @@ def test_time_attention_encoder_trains_saves_and_embeds(cohort, tmp_path):
     assert embedded.filter(like="emb_").shape == (120, 16) and np.isfinite(embedded.filter(like="emb_")).all().all()
 
 
-def test_alignment_under_torchrun_splits_the_patients_between_two_processes(cohort, tmp_path):
+@pytest.mark.parametrize("command", [["align"], ["jepa-multimodal", "--sigreg-lambda", "0.05"]])
+def test_longitudinal_stages_under_torchrun_split_the_patients_between_two_processes(cohort, tmp_path, command):
     import os
     import subprocess
     import sys
@@ -428,7 +429,7 @@ def test_alignment_under_torchrun_splits_the_patients_between_two_processes(coho
     env.pop("WORLD_SIZE", None)
     out = tmp_path / "aligned"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "fmcib", "pretrain", "align", "--table", _csv(cohort["pool"], tmp_path / "pool.csv"),
+                          "-m", "fmcib", "pretrain", *command, "--table", _csv(cohort["pool"], tmp_path / "pool.csv"),
                           *COLUMNS, "--width", "16", "--depth", "1", "--epochs", "2", "--batch-size", "32",
                           "--device", "cpu", "--out-dir", str(out), "--no-progress"],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pretraining_toys import PAIRED, clip_and_grad, fixed_batch, fixed_model, loss_and_grad, sigreg_and_grad  # noqa: E402
+from pretraining_toys import (  # noqa: E402
+    ONE_SIDED,
+    PAIRED,
+    clip_and_grad,
+    fixed_batch,
+    fixed_model,
+    loss_and_grad,
+    sigreg_and_grad,
+)
 
 from fmcib.training.monitors import collapse_warning, embedding_health  # noqa: E402
 from fmcib.training.simclr import background_points, nt_xent  # noqa: E402
@@ -75,6 +83,10 @@ def test_two_gloo_processes_give_the_global_batch_losses_and_gradients(tmp_path)
     clip = clip_and_grad(aligned, x1, x2, PAIRED)
     assert ddp["clip"].item() == pytest.approx(clip.item(), rel=1e-5)
     torch.testing.assert_close(ddp["clip_grad"], aligned.weight.grad, rtol=1e-4, atol=1e-7)
+    lopsided = fixed_model()  # a rank without any pair still takes part (no hang) and the result is the same
+    one_sided = clip_and_grad(lopsided, x1, x2, ONE_SIDED)
+    assert ddp["one_sided"].item() == pytest.approx(one_sided.item(), rel=1e-5)
+    torch.testing.assert_close(ddp["one_sided_grad"], lopsided.weight.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_sigreg_matches_the_reference_values():

@@ -58,8 +58,8 @@ def symmetric_nt_xent(image: torch.Tensor, clinical: torch.Tensor, temperature: 
     offset = context.rank * n if distributed else 0
     target = torch.arange(n, device=zi.device) + offset
     count = all_valid.sum()
-    if not bool(valid.any()) or int(count) == 0:
-        return (zi.sum() + zc.sum()) * 0.0
+    if not bool(valid.any()):  # through the gathered tensors: every rank takes part in their backward
+        return (all_i.sum() + all_c.sum()) * 0.0
     excluded = torch.where(all_valid, 0.0, float("-inf"))
     to_clinical = zi[valid] @ all_c.T / temperature + excluded
     to_image = zc[valid] @ all_i.T / temperature + excluded

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..distributed import init_distributed
+from ..distributed import DistributedContext, init_distributed
 from ..exceptions import FmcibError, TableError
 from ..files import atomic_path, read_table
 from ..models.vit3d import Block
@@ -333,13 +333,15 @@ class _PatientDataset(Dataset):
 
 
 class LongitudinalTask(TrainingTask):
-    """Latent MSE at the hidden tokens against the EMA target, optional SIGReg; monitors on patient embeddings."""
+    """Latent MSE at the hidden tokens against the EMA target, optional SIGReg (over the global batch under
+    torchrun); monitors on patient embeddings."""
 
     monitor = None
 
     def __init__(self, model: LongitudinalJEPA, sigreg_lambda: float = 0.0, ema: tuple[float, float] = (0.996, 1.0),
-                 seed: int = 0) -> None:
+                 seed: int = 0, context: DistributedContext | None = None) -> None:
         self.model, self.sigreg_lambda, self.ema, self.seed = model, float(sigreg_lambda), ema, int(seed)
+        self.context = context
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         bare: LongitudinalJEPA = getattr(model, "module", model)
@@ -355,7 +357,7 @@ class LongitudinalTask(TrainingTask):
         if self.sigreg_lambda:
             pooled = model(batch)
             loss = (1 - self.sigreg_lambda) * loss + self.sigreg_lambda * sigreg(
-                pooled, num_slices=64, generator=slice_generator(self.step, self.seed))
+                pooled, num_slices=64, generator=slice_generator(self.step, self.seed), context=self.context)
         return loss
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
@@ -478,7 +480,7 @@ def pretrain_longitudinal(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LongitudinalJEPA(encoder)
-    task = LongitudinalTask(model, sigreg_lambda, seed=seed)
+    task = LongitudinalTask(model, sigreg_lambda, seed=seed, context=context)
     settings = TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adamw", weight_decay=weight_decay,
                               warmup_epochs=warmup_epochs, seed=seed)
     result = Trainer(task, settings, out, device=context.device, progress=progress).fit(
