@@ -111,23 +111,25 @@ def test_two_gloo_processes_under_torchrun_equal_one_process_with_twice_the_batc
 # -- training patches and fine-tuning -------------------------------------------------------------------
 
 def _bright_lesions(folder: Path, scans: int, seed0: int = 0) -> pd.DataFrame:
-    """Synthetic scans whose odd lesions are 500 HU brighter: the label ``bright`` is visible in the image."""
+    """Synthetic scans of five lesions each; in every odd scan all lesions are 500 HU brighter, so the label
+    ``bright`` is visible in the image, and a patch's neighbouring lesions agree with its own label. (With
+    many lesions a scan, later lesions overwrite some earlier ones' seed voxels: noisy labels.)"""
     import SimpleITK as sitk
 
     from fmcib.datasets import make_synthetic_ct
 
     frames = []
     for k in range(seed0, seed0 + scans):
-        ct = make_synthetic_ct(size=(80, 80, 40), spacing=(1.0, 1.0, 2.0), n_lesions=10, lesion_radius_mm=(7, 11),
+        ct = make_synthetic_ct(size=(80, 80, 40), spacing=(1.0, 1.0, 2.0), n_lesions=5, lesion_radius_mm=(7, 11),
                                random_state=k)
-        bright = np.arange(10) % 2 == 1
-        arr, lab = sitk.GetArrayFromImage(ct.image), sitk.GetArrayFromImage(ct.mask)
-        for i in np.flatnonzero(bright):
-            arr[lab == i + 1] += 500
-        image = sitk.GetImageFromArray(arr)
-        image.CopyInformation(ct.image)
-        ct.image = image
-        ct.seeds["bright"] = bright.astype(int)
+        bright = k % 2 == 1
+        if bright:
+            arr = sitk.GetArrayFromImage(ct.image)
+            arr[sitk.GetArrayFromImage(ct.mask) > 0] += 500
+            image = sitk.GetImageFromArray(arr)
+            image.CopyInformation(ct.image)
+            ct.image = image
+        ct.seeds["bright"] = int(bright)
         frames.append(ct.save(folder, f"case{k}"))
     return pd.concat(frames, ignore_index=True)
 
@@ -164,8 +166,8 @@ def test_finetune_learns_a_visible_label_and_its_folder_extracts_and_predicts(tm
     from fmcib.training import Augmentation, finetune, predict
 
     torch.set_num_threads(2)
-    data = _bright_lesions(tmp_path / "data", 9)
-    test = data[data["image_path"].str.contains("case[78]_", regex=True)]
+    data = _bright_lesions(tmp_path / "data", 18)
+    test = data[data["image_path"].str.contains("case1[4-7]_", regex=True)]  # 4 held-out scans, 2 of them bright
     train = data.drop(test.index).reset_index(drop=True)
     train["is_tune"] = train.index % 5 == 0
     train.loc[train.index[-1], "bright"] = np.nan  # a row without a label: left out and counted
@@ -173,14 +175,14 @@ def test_finetune_learns_a_visible_label_and_its_folder_extracts_and_predicts(tm
     test.to_csv(tmp_path / "test.csv", index=False)
     out = tmp_path / "tuned"
     result = finetune(tmp_path / "train.csv", "bright", out, tune_col="is_tune", model="resnet10_3d.random",
-                      epochs=20, batch_size=8, lr=3e-4, optimizer="adamw", augmentation=Augmentation(translate_voxels=3),
+                      epochs=20, batch_size=8, lr=1e-3, optimizer="adamw", augmentation=Augmentation(translate_voxels=3),
                       patch_size=24, spacing_mm=2.0, progress=False)
     assert result.counts["unlabelled"] == 1 and result.counts["train"] + result.counts["tune"] == 69
     assert result.classes == [0, 1]
     preds = predict(tmp_path / "test.csv", out, progress=False, num_workers=0)
     assert len(preds) == len(test) and preds["prediction"].isin([0, 1]).all()
     assert np.allclose(preds["prob_0"] + preds["prob_1"], 1.0)
-    assert auc(preds["bright"], preds["prob_1"]) > 0.9
+    assert auc(preds["bright"], preds["prob_1"]) > 0.85  # chance is 0.5; 0.95-1.0 over four data seeds
     # the folder is an encoder for extraction, with the contract it was trained with
     config = json.loads((out / "config.json").read_text())
     assert config["preprocess"]["patch_size"] == 24 and config["head"]["classes"] == [0, 1]
@@ -197,7 +199,7 @@ def test_finetune_and_predict_from_the_command_line(tmp_path):
 
     from fmcib.cli import main
 
-    data = _bright_lesions(tmp_path / "data", 2)
+    data = _bright_lesions(tmp_path / "data", 4)
     data.to_csv(tmp_path / "train.csv", index=False)
     runner = CliRunner()
     res = runner.invoke(main, ["finetune", "--csv", str(tmp_path / "train.csv"), "--label", "bright", "--out-dir",
