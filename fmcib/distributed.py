@@ -7,6 +7,7 @@ function here is the single-process identity, so the same code runs in a noteboo
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,8 +81,16 @@ def init_distributed(device: str | torch.device | None = None) -> DistributedCon
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                               device=resolved)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group at exit: left to the interpreter's teardown, its threads can abort a finished
+    process ("terminate called without an active exception"), which torchrun reports as a failure."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast_object(obj: Any, context: DistributedContext, src: int = 0) -> Any:

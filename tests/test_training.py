@@ -159,6 +159,121 @@ def test_training_patches_are_the_extraction_patches_and_augment_reproducibly(sy
     assert not torch.equal(first, plain[3]["input"])
 
 
+def _copied_cases(synthetic_cases: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """The synthetic scans copied to ``folder`` (a test may change them), with a missing file in row 1 and a seed
+    outside its scan in row 6: the crops of rows in between and after must move into place."""
+    import shutil
+
+    folder.mkdir()
+    table = synthetic_cases.copy()
+    for path in table["image_path"].unique():
+        shutil.copy(path, folder / Path(path).name)
+    table["image_path"] = [str(folder / Path(p).name) for p in table["image_path"]]
+    table.loc[1, "image_path"] = str(folder / "missing.nii.gz")
+    table.loc[6, "coordX"] = 1e4
+    return table
+
+
+def test_crop_store_holds_the_in_memory_crops_and_is_reused_until_a_file_changes(synthetic_cases, tmp_path,
+                                                                                   monkeypatch):
+    import fmcib.training.crops as crops_module
+    from fmcib.preprocessing import PreprocessConfig
+    from fmcib.training import read_crops
+
+    cfg = PreprocessConfig(patch_size=(12, 10, 8), spacing_mm=2.0)
+    clean = read_crops(synthetic_cases, cfg, margin=2)
+    table = _copied_cases(synthetic_cases, tmp_path / "scans")
+    rows, crops, errors = read_crops(table, cfg, margin=2)
+    assert [e.row for e in errors] == [1, 6] and rows.tolist() == [r for r in range(len(table)) if r not in (1, 6)]
+    assert np.array_equal(crops, clean[1][rows])  # every good row keeps its own crop, in table order
+    store = tmp_path / "store"
+    s_rows, s_crops, s_errors = read_crops(table, cfg, margin=2, store=store)
+    assert isinstance(s_crops, np.memmap) and not s_crops.flags.writeable
+    assert np.array_equal(s_rows, rows) and np.array_equal(s_crops, crops)
+    assert [(e.row, e.message) for e in s_errors] == [(e.row, e.message) for e in errors]
+    assert (store / "crops.f32").stat().st_size == crops.nbytes and not list(store.glob("*.partial"))
+
+    class Unreadable:  # a store that matches is read without opening any scan
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __len__(self):
+            raise AssertionError("a scan was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(crops_module, "ScanDataset", Unreadable)
+        again = read_crops(table, cfg, margin=2, store=store)
+        assert np.array_equal(again[0], rows) and np.array_equal(again[1], crops)
+        changed = table["image_path"].iloc[0]
+        os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10**9))
+        with pytest.raises(AssertionError, match="a scan was read"):
+            read_crops(table, cfg, margin=2, store=store)  # a file changed: the store is made again
+        with pytest.raises(AssertionError, match="a scan was read"):
+            read_crops(table, cfg, margin=3, store=store)  # another margin, another contract
+    assert np.array_equal(read_crops(table, cfg, margin=2, store=store)[1], crops)
+
+
+CROP_STORE_SCRIPT = """
+import json, sys
+import numpy as np, pandas as pd
+import fmcib.training.crops as crops_module
+from fmcib.distributed import init_distributed
+from fmcib.preprocessing import PreprocessConfig
+
+context = init_distributed("cpu")
+read = []
+original = crops_module.ScanDataset.__getitem__
+def recording(self, index):
+    read.append(self.tasks[index].image)
+    return original(self, index)
+crops_module.ScanDataset.__getitem__ = recording
+out = sys.argv[2]
+rows, crops, errors = crops_module.read_crops(pd.read_csv(sys.argv[1]), PreprocessConfig(patch_size=(12, 10, 8),
+                                              spacing_mm=2.0), margin=2, store=out + "/store", context=context)
+json.dump(read, open(f"{out}/read-{context.rank}.json", "w"))
+if context.is_main:
+    np.save(f"{out}/rows.npy", rows)
+    np.save(f"{out}/crops.npy", np.asarray(crops))
+"""
+
+
+def test_two_processes_share_one_crop_store_each_reading_its_scans(synthetic_cases, tmp_path):
+    from fmcib.preprocessing import PreprocessConfig
+    from fmcib.training import read_crops
+
+    table = _copied_cases(synthetic_cases, tmp_path / "scans")
+    table.to_csv(tmp_path / "seeds.csv", index=False)
+    (tmp_path / "store_script.py").write_text(CROP_STORE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env.pop("WORLD_SIZE", None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(tmp_path / "store_script.py"), str(tmp_path / "seeds.csv"), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    read = [set(json.loads((tmp_path / f"read-{r}.json").read_text())) for r in (0, 1)]
+    assert read[0] and read[1] and not read[0] & read[1]  # each scan read by one process only
+    assert read[0] | read[1] == set(table["image_path"])
+    rows, crops, _ = read_crops(table, PreprocessConfig(patch_size=(12, 10, 8), spacing_mm=2.0), margin=2)
+    assert np.array_equal(np.load(tmp_path / "rows.npy"), rows)
+    assert np.array_equal(np.load(tmp_path / "crops.npy"), crops)
+
+
+def test_simclr_trains_the_same_from_a_crop_store(synthetic_cases, tmp_path):
+    from fmcib.training.simclr import pretrain_simclr
+
+    torch.set_num_threads(2)
+    runs = {}
+    for name, store in (("memory", None), ("store", tmp_path / "crops")):
+        pretrain_simclr(synthetic_cases, tmp_path / name, model="resnet10_3d.random", epochs=1, batch_size=4,
+                        random_negatives=1, optimizer="adamw", lr=1e-3, warmup_epochs=0, patch_size=12,
+                        spacing_mm=3.0, monitor_samples=4, crop_store=store, progress=False)
+        runs[name] = _best(tmp_path / name)
+    assert (tmp_path / "crops" / "random-negatives.f32").is_file()
+    assert (tmp_path / "crops" / "random-patches" / "crops.json").is_file()
+    for key, value in runs["memory"].items():
+        assert torch.equal(value, runs["store"][key]), key
+
+
 def test_finetune_learns_a_visible_label_and_its_folder_extracts_and_predicts(tmp_path):
     from fmcib import extract_features
     from fmcib.evaluation import auc

@@ -154,6 +154,9 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default="auto", show_default=True, callback=check_device),
         click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"])),
         click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0)),
+        click.option("--crop-store", default=None, type=click.Path(file_okay=False, path_type=Path),
+                     help="Keep the training crops in this folder, memory-mapped, instead of in each process's memory "
+                          "(large pools); reused when it matches the table and its files."),
         click.option("--coords", default="lps", show_default=True, type=click.Choice(["lps", "ras", "voxel"])),
         click.option("--patch-size", default=None, type=PerAxis(int),
                      help="Override the patch size: N or X,Y,Z voxels."),

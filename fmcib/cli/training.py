@@ -11,7 +11,7 @@ import click
 from .common import EXIT_ROWS_FAILED, TABLE, check_device, echo_finetuned, echo_pretrained, training_options
 
 IMAGE_ONLY = ("model", "optimizer", "accumulate", "clip_grad_norm", "translate", "precision", "num_workers", "coords",
-              "patch_size", "spacing")
+              "patch_size", "spacing", "crop_store")
 
 
 @click.command()
@@ -56,8 +56,8 @@ def finetune(ctx: click.Context, table: Path | None, long_table: Path | None, pa
              lr: float, optimizer: str, weight_decay: float, warmup_epochs: float, accumulate: int,
              clip_grad_norm: float | None,
              class_weights: bool, tune_metric: str, patience: int | None, fraction: float | None, translate: int,
-             device: str, precision: str, num_workers: int, coords: str, patch_size: Any, spacing: Any, seed: int,
-             resume: bool, no_progress: bool) -> None:
+             device: str, precision: str, num_workers: int, crop_store: Path | None, coords: str, patch_size: Any,
+             spacing: Any, seed: int, resume: bool, no_progress: bool) -> None:
     """Fine-tune every layer of an encoder with a classification head.
 
     \b
@@ -101,7 +101,7 @@ def finetune(ctx: click.Context, table: Path | None, long_table: Path | None, pa
         warmup_epochs=warmup_epochs, accumulate=accumulate, clip_grad_norm=clip_grad_norm,
         class_weights=class_weights, tune_metric=tune_metric, patience=patience, fraction=fraction,
         augmentation=Augmentation(translate_voxels=translate), device=None if device == "auto" else device,
-        precision=precision, num_workers=num_workers, seed=seed, resume=resume, coords=coords,
+        precision=precision, num_workers=num_workers, crop_store=crop_store, seed=seed, resume=resume, coords=coords,
         patch_size=patch_size, spacing_mm=spacing, progress=not no_progress)
     echo_finetuned(result, tune_metric, out_dir, "rows")
 
@@ -182,8 +182,8 @@ def pretrain() -> None:
 def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | None, data_description: str | None,
                         epochs: int, batch_size: int, temperature: float, random_negatives: int, lr: float,
                         optimizer: str, weight_decay: float, warmup_epochs: float, accumulate: int,
-                        monitor_samples: int, device: str, precision: str, num_workers: int, coords: str,
-                        patch_size: Any, spacing: Any, seed: int, resume: bool, no_progress: bool) -> None:
+                        monitor_samples: int, device: str, precision: str, num_workers: int, crop_store: Path | None,
+                        coords: str, patch_size: Any, spacing: Any, seed: int, resume: bool, no_progress: bool) -> None:
     """SimCLR as in the paper: two views of each lesion against the batch's other lesions and random patches.
 
     \b
@@ -198,8 +198,8 @@ def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | 
         random_negatives=random_negatives, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, accumulate=accumulate, monitor_samples=monitor_samples,
         data_description=data_description, device=None if device == "auto" else device, precision=precision,
-        num_workers=num_workers, seed=seed, resume=resume, coords=coords, patch_size=patch_size, spacing_mm=spacing,
-        progress=not no_progress)
+        num_workers=num_workers, crop_store=crop_store, seed=seed, resume=resume, coords=coords, patch_size=patch_size,
+        spacing_mm=spacing, progress=not no_progress)
     echo_pretrained(result, out_dir, f"on {result.counts['lesions']} lesions ({result.counts['scans']} scans)")
 
 
@@ -230,8 +230,8 @@ def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | 
 def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | None, mode: str, mask_kind: str,
                       targets: int, views: int, sigreg_lambda: float, data_description: str | None, epochs: int,
                       batch_size: int, lr: float, optimizer: str, weight_decay: float, warmup_epochs: float,
-                      monitor_samples: int, device: str, precision: str, num_workers: int, coords: str,
-                      patch_size: Any, spacing: Any, seed: int, resume: bool, no_progress: bool) -> None:
+                      monitor_samples: int, device: str, precision: str, num_workers: int, crop_store: Path | None,
+                      coords: str, patch_size: Any, spacing: Any, seed: int, resume: bool, no_progress: bool) -> None:
     """JEPA on lesion patches with a 3D ViT: masked latent prediction (EMA target) or LeJEPA (SIGReg).
 
     \b
@@ -246,6 +246,6 @@ def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | No
         views=views, sigreg_lambda=sigreg_lambda, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, monitor_samples=monitor_samples,
         data_description=data_description, device=None if device == "auto" else device, precision=precision,
-        num_workers=num_workers, seed=seed, resume=resume, coords=coords, patch_size=patch_size, spacing_mm=spacing,
-        progress=not no_progress)
+        num_workers=num_workers, crop_store=crop_store, seed=seed, resume=resume, coords=coords, patch_size=patch_size,
+        spacing_mm=spacing, progress=not no_progress)
     echo_pretrained(result, out_dir, f"({mode}) on {result.counts['lesions']} lesions")

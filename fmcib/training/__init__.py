@@ -9,7 +9,8 @@ LeJEPA), and for patients over time :mod:`.longitudinal` (the multimodal JEPA an
 """
 
 from ..distributed import DistributedContext, init_distributed
-from .data import Augmentation, PatchDataset, read_crops
+from .crops import read_crops
+from .data import Augmentation, PatchDataset
 from .engine import Trainer, TrainingConfig, TrainingResult, TrainingTask
 from .finetune import ClassificationTask, Classifier, FineTuneResult, finetune, predict, read_finetuned
 from .optim import LARS, lr_factor

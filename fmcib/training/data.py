@@ -1,6 +1,6 @@
 """Training data: seed-point patches cut by the extraction path, with 3D augmentations drawn per sample.
 
-Every scan is read once (the extraction's :class:`~fmcib.scans.ScanDataset`), and each seed's crop is
+Every scan is read once (:func:`~fmcib.training.crops.read_crops`, in memory or in a crop store), and each seed's crop is
 the model's own patch enlarged by a margin on every side, on the same lattice. Translations move the
 window inside that margin and small rotations / scalings sample inside it, so augmented patches hold
 real CT, never padding invented by the augmentation. Without augmentation a sample is exactly the
@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from ..preprocessing import PreprocessConfig, model_input
-from ..scans import RowError, ScanDataset, plan_scans
+from ..scans import RowError
 
-__all__ = ["Augmentation", "PatchDataset", "read_crops", "report_unreadable"]
+__all__ = ["Augmentation", "PatchDataset", "report_unreadable"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,45 +105,11 @@ class Augmentation:
         return mt.Compose(steps)
 
 
-def read_crops(table: pd.DataFrame, config: PreprocessConfig, margin: int = 0, coords: str = "lps",
-               base_dir: str | os.PathLike | None = None, rows: Sequence[int] | None = None,
-               num_workers: int = 0, name: str = "table") -> tuple[np.ndarray, np.ndarray, list[RowError]]:
-    """Each seed's patch enlarged by ``margin`` voxels per side, every scan read once.
-
-    Returns
-    -------
-    rows : int array
-        Table positions of the crops, in table order.
-    crops : float32 array ``(n, z, y, x)``
-        Normalised as the contract says, on the patch lattice.
-    errors : list of RowError
-        Rows that could not be read (the others are kept).
-    """
-    enlarged = config.enlarged(margin) if margin else config
-    single = PreprocessConfig(**{**enlarged.to_dict(), "channels": 1})  # channels are added per sample
-    dataset = ScanDataset(plan_scans(table, base_dir=base_dir, rows=rows, name=name), coords, single)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity)
-    found, crops, errors = [], [], []
-    for item in loader:
-        found.append(item["rows"])
-        crops.append(item["patches"][:, 0])
-        errors += item["errors"]
-    x, y, z = single.size_xyz
-    order_rows = np.concatenate(found) if found else np.zeros(0, np.int64)
-    stacked = np.concatenate(crops) if crops else np.zeros((0, z, y, x), np.float32)
-    order = np.argsort(order_rows, kind="stable")
-    return order_rows[order], stacked[order], sorted(errors, key=lambda e: e.row)
-
-
 def report_unreadable(errors: Sequence[RowError], is_main: bool = True) -> None:
     """Log the rows a training run leaves out because they could not be read (the first 20), on rank 0."""
     if errors and is_main:
         logger.warning("%d row(s) could not be read and are left out:\n%s", len(errors),
                        "\n".join(e.message for e in errors[:20]))
-
-
-def _identity(item: Any) -> Any:
-    return item
 
 
 class PatchDataset(Dataset):

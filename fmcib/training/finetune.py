@@ -27,7 +27,8 @@ from ..models import DEFAULT_MODEL, build_model
 from ..models.checkpoints import CONFIG_NAME, HEAD_WEIGHTS_NAME
 from ..models.heads import build_head, new_head
 from ..tables import load_seed_table
-from .data import Augmentation, PatchDataset, read_crops, report_unreadable
+from .crops import read_crops
+from .data import Augmentation, PatchDataset, report_unreadable
 from .engine import Trainer, TrainingConfig, TrainingTask, _to_device
 from .folders import best_weights, starting_point, write_trained_folder
 
@@ -163,6 +164,7 @@ def finetune(
     device: str | None = None,
     precision: Literal["fp32", "bf16", "fp16"] = "fp32",
     num_workers: int = 0,
+    crop_store: str | os.PathLike | None = None,
     seed: int = 0,
     resume: bool = False,
     coords: str = "lps",
@@ -210,6 +212,10 @@ def finetune(
     coords : {"lps", "ras", "voxel"}
     patch_size, spacing_mm : optional
         Override the encoder's patch contract; the folder's config records the contract trained with.
+    crop_store : folder, optional
+        Keep the training crops on disk, memory-mapped, instead of in every process's memory (pools too
+        large for it; ``train`` and ``tune`` sub-folders; see :mod:`fmcib.training.crops`). A store made for the same rows, files and contract
+        is reused; under torchrun the processes share it.
 
     Returns
     -------
@@ -238,13 +244,14 @@ def finetune(
     resolved, contract, config = starting_point(model, weights, pretrained, patch_size, spacing_mm)
     code = {c: i for i, c in enumerate(classes)}
 
-    def crops(pos: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    def crops(pos: np.ndarray, margin: int, part: str) -> tuple[np.ndarray, np.ndarray, list[Any]]:
         return read_crops(df, contract, margin=margin, coords=coords, base_dir=table_dir,
-                          rows=labelled_pos[pos].tolist(), name=name)
+                          rows=labelled_pos[pos].tolist(), num_workers=num_workers, name=name,
+                          store=None if crop_store is None else Path(crop_store) / part, context=context)
 
     margin = augmentation.margin(contract) if augmentation is not None else 0
-    train_rows, train_crops, train_errors = crops(train_pos, margin)
-    tune_rows, tune_crops, tune_errors = crops(tune_pos, 0) if len(tune_pos) else (np.zeros(0, int), None, [])
+    train_rows, train_crops, train_errors = crops(train_pos, margin, "train")
+    tune_rows, tune_crops, tune_errors = crops(tune_pos, 0, "tune") if len(tune_pos) else (np.zeros(0, int), None, [])
     errors = train_errors + tune_errors
     report_unreadable(errors, context.is_main)
     targets = lambda rows: np.array([code[v] for v in df[label].iloc[rows]], dtype=np.int64)  # noqa: E731

@@ -40,7 +40,8 @@ from ..models.vit3d import Block, sincos_positions
 from ..preprocessing import PreprocessConfig
 from ..scans import plan_scans
 from ..tables import load_seed_table
-from .data import Augmentation, PatchDataset, read_crops, report_unreadable
+from .crops import read_crops
+from .data import Augmentation, PatchDataset, report_unreadable
 from .engine import Trainer, TrainingConfig, TrainingTask
 from .optim import ema_update
 from .folders import best_weights, starting_point, write_trained_folder
@@ -286,6 +287,7 @@ def pretrain_jepa(
     device: str | None = None,
     precision: Literal["fp32", "bf16", "fp16"] = "fp32",
     num_workers: int = 0,
+    crop_store: str | os.PathLike | None = None,
     seed: int = 0,
     resume: bool = False,
     coords: str = "lps",
@@ -314,7 +316,8 @@ def pretrain_jepa(
     z, y, x = (int(v) for v in contract.input_shape[1:])
     grid = encoder.grid((z, y, x))
     margin = augmentation.margin(contract)
-    rows, crops, errors = read_crops(df, contract, margin=margin, coords=coords, base_dir=table_dir, name=name)
+    rows, crops, errors = read_crops(df, contract, margin=margin, coords=coords, base_dir=table_dir,
+                                     num_workers=num_workers, name=name, store=crop_store, context=context)
     report_unreadable(errors, context.is_main)
     if len(rows) < 2:
         raise ValueError(f"{name}: JEPA needs at least 2 readable lesions, found {len(rows)}")

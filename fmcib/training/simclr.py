@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..distributed import DistributedContext, gather_with_grad, init_distributed
+from ..distributed import DistributedContext, gather_with_grad, init_distributed, on_main_process
 from ..models import build_model
 from ..preprocessing import PreprocessConfig
 from ..scans import plan_scans
 from ..tables import SERIES_COLUMN, load_seed_table
-from .data import Augmentation, PatchDataset, read_crops, report_unreadable
+from .crops import read_crops
+from .data import Augmentation, PatchDataset, report_unreadable
 from .engine import Trainer, TrainingConfig, TrainingTask
 from .folders import best_weights, starting_point, write_trained_folder
 from .monitors import collapse_warning, embedding_health
@@ -225,27 +226,53 @@ def background_points(table: pd.DataFrame, per_lesion: int, config: PreprocessCo
 
 def _negative_crops(table: pd.DataFrame, lesion_rows: np.ndarray, lesion_crops: np.ndarray, per_lesion: int,
                     contract: PreprocessConfig, margin: int, seed: int, base_dir: Any, coords: str, name: str,
+                    store: str | os.PathLike | None = None, context: DistributedContext | None = None,
                     ) -> tuple[np.ndarray, int]:
     """``(n, per_lesion, ...)`` crops of random body patches for each lesion (the next lesion's crop stands in
-    where a scan offers too few); and how many were found."""
+    where a scan offers too few); and how many were found. With a crop ``store`` the candidates are read into
+    ``store/random-patches`` and the result is a memory-mapped file of the store that rank 0 writes."""
+    context = context or DistributedContext()
     candidates = background_points(table, per_lesion, contract, seed, base_dir, rows=lesion_rows.tolist(),
                                    coords=coords, name=name)
-    others = np.roll(np.arange(len(lesion_crops)), -1)
-    picked = np.repeat(lesion_crops[others][:, None], per_lesion, axis=1)  # stand-ins: another lesion
-    if candidates.empty:
-        return picked, 0
-    cand_rows, cand_crops, _ = read_crops(candidates, contract, margin=margin, coords="lps", name="random patches")
-    inner = cand_crops[:, margin:cand_crops.shape[1] - margin, margin:cand_crops.shape[2] - margin,
-                       margin:cand_crops.shape[3] - margin]  # the patch itself, not the margin around it
-    body = contract.to_hu(inner.reshape(len(inner), -1).mean(axis=1)) > BODY_HU
-    position = {int(r): i for i, r in enumerate(lesion_rows)}
-    taken = np.zeros(len(lesion_rows), int)
-    for crop_index, cand_index in enumerate(cand_rows):
-        lesion = position[int(candidates["lesion"].iloc[cand_index])]
-        if body[crop_index] and taken[lesion] < per_lesion:
-            picked[lesion, taken[lesion]] = cand_crops[crop_index]
-            taken[lesion] += 1
-    return picked, int(taken.sum())
+    n = len(lesion_crops)
+    chosen = np.full((n, per_lesion), -1)  # the candidate crop taken, or -1: the next lesion stands in
+    cand_crops = lesion_crops[:0]
+    if not candidates.empty:
+        cand_rows, cand_crops, _ = read_crops(candidates, contract, margin=margin, coords="lps", name="random patches",
+                                              store=None if store is None else Path(store) / "random-patches",
+                                              context=context)
+        z, y, x = cand_crops.shape[1:]
+        hu = np.concatenate([contract.to_hu(cand_crops[i:i + 256, margin:z - margin, margin:y - margin,
+                                                       margin:x - margin].mean(axis=(1, 2, 3)))
+                             for i in range(0, len(cand_crops), 256)]) if len(cand_crops) else np.zeros(0)
+        body = hu > BODY_HU  # the patch itself, not the margin around it
+        position = {int(r): i for i, r in enumerate(lesion_rows)}
+        taken = np.zeros(n, int)
+        for crop_index, cand_index in enumerate(cand_rows):
+            lesion = position[int(candidates["lesion"].iloc[cand_index])]
+            if body[crop_index] and taken[lesion] < per_lesion:
+                chosen[lesion, taken[lesion]] = crop_index
+                taken[lesion] += 1
+    others = np.roll(np.arange(n), -1)
+
+    def fill(target: np.ndarray) -> np.ndarray:
+        for lesion in range(n):
+            for k in range(per_lesion):
+                c = chosen[lesion, k]
+                target[lesion, k] = cand_crops[c] if c >= 0 else lesion_crops[others[lesion]]
+        return target
+
+    shape = (n, per_lesion, *lesion_crops.shape[1:])
+    found = int((chosen >= 0).sum())
+    if store is None:
+        return fill(np.empty(shape, np.float32)), found
+    path = Path(store) / "random-negatives.f32"
+
+    def write() -> None:
+        fill(np.memmap(path, np.float32, mode="w+", shape=shape)).flush()
+
+    on_main_process(write, context)
+    return np.memmap(path, np.float32, mode="r", shape=shape), found
 
 
 @dataclass
@@ -280,6 +307,7 @@ def pretrain_simclr(
     device: str | None = None,
     precision: Literal["fp32", "bf16", "fp16"] = "fp32",
     num_workers: int = 0,
+    crop_store: str | os.PathLike | None = None,
     seed: int = 0,
     resume: bool = False,
     coords: str = "lps",
@@ -321,20 +349,25 @@ def pretrain_simclr(
         Continue the run in ``out_dir`` from its last checkpoint.
     coords, patch_size, spacing_mm
         As for extraction; the folder records the contract trained with.
+    crop_store : folder, optional
+        Keep the training crops on disk, memory-mapped, instead of in every process's memory (pools too
+        large for it; see :mod:`fmcib.training.crops`). A store made for the same rows, files and contract
+        is reused; under torchrun the processes share it.
     """
     context = init_distributed(device)
     out = Path(out_dir)
     df, table_dir, name = load_seed_table(table)
     resolved, contract, config = starting_point(model, weights, True, patch_size, spacing_mm)
     margin = augmentation.margin(contract)
-    rows, crops, errors = read_crops(df, contract, margin=margin, coords=coords, base_dir=table_dir, name=name)
+    rows, crops, errors = read_crops(df, contract, margin=margin, coords=coords, base_dir=table_dir,
+                                     num_workers=num_workers, name=name, store=crop_store, context=context)
     report_unreadable(errors, context.is_main)
     if len(rows) < 2:
         raise ValueError(f"{name}: SimCLR needs at least 2 readable lesions, found {len(rows)}")
     negatives, found = None, 0
     if random_negatives:
         negatives, found = _negative_crops(df, rows, crops, random_negatives, contract, margin, seed, table_dir,
-                                           coords, name)
+                                           coords, name, store=crop_store, context=context)
         wanted = len(rows) * random_negatives
         if found < wanted and context.is_main:
             logger.warning("%s: %d of %d random negative patches found in the body; other lesions stand in for "
