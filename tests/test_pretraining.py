@@ -351,6 +351,33 @@ def test_jepa_pretraining_writes_a_vit_that_extracts_finetunes_and_beats_random_
     assert json.loads((tmp_path / "lejepa" / "config.json").read_text())["training"]["sigreg_lambda"] == 0.05
 
 
+@pytest.mark.parametrize("method", ["simclr", "jepa-ema", "jepa-lejepa"])
+def test_pretraining_depends_on_its_seed_only_not_on_the_process_random_state(method, synthetic_cases, tmp_path):
+    """The same run after different work in the process (here: other global seeds) gives the same weights."""
+    from safetensors.torch import load_file
+
+    from fmcib.training.jepa import pretrain_jepa
+    from fmcib.training.simclr import pretrain_simclr
+
+    torch.set_num_threads(2)
+    weights = []
+    for k, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        np.random.seed(global_seed)
+        common = {"epochs": 1, "batch_size": 4, "warmup_epochs": 0, "monitor_samples": 4, "spacing_mm": 3.0,
+                  "progress": False}
+        if method == "simclr":
+            pretrain_simclr(synthetic_cases, tmp_path / str(k), model="resnet10_3d.random", patch_size=12,
+                            optimizer="adamw", lr=1e-3, **common)
+        else:
+            pretrain_jepa(synthetic_cases, tmp_path / str(k), model="vit3d_tiny.random", mode=method[5:],
+                          patch_size=16, views=2, **common)
+        weights.append(load_file(str(tmp_path / str(k) / "checkpoints" / "best.safetensors")))
+    assert set(weights[0]) == set(weights[1])
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def test_jepa_pretraining_under_torchrun_shares_the_lesions_between_two_processes(lesion_benchmark, tmp_path):
     """Two gloo processes: each trains on its half of the pool (the step count says so) and rank 0 writes a
     folder that loads strictly as an encoder."""
@@ -363,10 +390,12 @@ def test_jepa_pretraining_under_torchrun_shares_the_lesions_between_two_processe
                           "-m", "fmcib", "pretrain", "jepa", "--csv", str(lesion_benchmark["pool"]), "--out-dir",
                           str(out), "--model", "vit3d_tiny.random", "--epochs", "2", "--batch-size", "4",
                           "--warmup-epochs", "0", "--patch-size", "24", "--spacing", "2", "--device", "cpu",
-                          "--monitor-samples", "8", "--data-description", "Synthetic lesions", "--no-progress"],
+                          "--monitor-samples", "8", "--data-description", "Synthetic lesions", "--no-progress",
+                          "--crop-store", str(tmp_path / "crops")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lesions = len(pd.read_csv(lesion_benchmark["pool"]))
+    assert len(json.loads((tmp_path / "crops" / "crops.json").read_text())["rows"]) == lesions  # one shared store
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["step"].tolist() == [(lesions // 2) // 4 * e for e in (1, 2)]  # half the pool per process
     assert np.isfinite(metrics["train_loss"]).all()

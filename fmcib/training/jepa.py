@@ -307,12 +307,13 @@ def pretrain_jepa(
     out = Path(out_dir)
     df, table_dir, name = load_seed_table(table)
     resolved, contract, config = starting_point(model, weights, True, patch_size, spacing_mm)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the whole network from the seed, not from the process's RNG
         torch.manual_seed(seed)
         encoder = build_model(resolved, device="cpu").train()
-    if not hasattr(encoder, "tokens"):
-        raise ValueError(f"{resolved.config.name}: JEPA needs a token encoder (a vit3d model), not "
-                         f"{resolved.config.architecture}")
+        if not hasattr(encoder, "tokens"):
+            raise ValueError(f"{resolved.config.name}: JEPA needs a token encoder (a vit3d model), not "
+                             f"{resolved.config.architecture}")
+        network = JEPAModel(encoder, mode)
     z, y, x = (int(v) for v in contract.input_shape[1:])
     grid = encoder.grid((z, y, x))
     margin = augmentation.margin(contract)
@@ -326,7 +327,6 @@ def pretrain_jepa(
                             rows=rows, margin=margin, seed=seed)
     pick = np.sort(np.random.default_rng(seed).permutation(len(rows))[:max(2, monitor_samples)])
     monitor_set = JEPAPatches(crops[pick], contract, augmentation, 2, rows=rows[pick], margin=margin, seed=seed + 7919)
-    network = JEPAModel(encoder, mode)
     task: TrainingTask = MaskedJEPATask(network) if mode == "ema" else \
         LeJEPATask(network, sigreg_lambda, seed=seed, context=context)
     settings = TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
