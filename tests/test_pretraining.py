@@ -317,12 +317,13 @@ def test_jepa_pretraining_writes_a_vit_that_extracts_finetunes_and_beats_random_
     out = tmp_path / "jepa"
     res = CliRunner().invoke(main, [
         "pretrain", "jepa", "--csv", str(lesion_benchmark["pool"]), "--out-dir", str(out), "--model",
-        "vit3d_tiny.random", "--mode", "ema", "--epochs", "5", "--batch-size", "8", "--warmup-epochs", "1",
-        "--patch-size", "24", "--spacing", "2", "--data-description", "Synthetic lesions (not patient data)",
-        "--no-progress"])
+        "vit3d_tiny.random", "--mode", "ema", "--keep", "context", "--epochs", "5", "--batch-size", "8",
+        "--warmup-epochs", "1", "--patch-size", "24", "--spacing", "2", "--data-description",
+        "Synthetic lesions (not patient data)", "--no-progress"])  # 25 steps: the EMA target has hardly moved yet
     assert res.exit_code == 0, res.output
     config = json.loads((out / "config.json").read_text())
     assert config["name"] == "vit3d_tiny.jepa-ema" and config["training"]["token_grid"] == [3, 3, 3]
+    assert config["training"]["kept_encoder"] == "context"
     metrics = pd.read_csv(out / "metrics.csv")
     last = metrics.iloc[-1]
     assert last["tune_rankme"] > JEPA_COLLAPSE_THRESHOLDS["rankme"] and last["tune_std"] > 1e-3  # no collapse
@@ -376,6 +377,64 @@ def test_pretraining_depends_on_its_seed_only_not_on_the_process_random_state(me
     assert set(weights[0]) == set(weights[1])
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+    # the folder holds the EMA target in the masked mode (as I-JEPA evaluates), else the context encoder
+    kept = "target." if method == "jepa-ema" else "encoder."
+    folder = load_file(str(tmp_path / "0" / "model.safetensors"))
+    assert folder and all(torch.equal(v, weights[0][kept + k]) for k, v in folder.items())
+    if method == "jepa-ema":
+        assert not all(torch.equal(v, weights[0]["encoder." + k]) for k, v in folder.items())
+
+
+@pytest.mark.parametrize("method", ["simclr", "jepa-ema", "jepa-lejepa"])
+def test_interrupted_pretraining_resumes_to_the_uninterrupted_weights(method, synthetic_cases, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of epoch 2, then resume=True: the weights of a run that was never stopped (the EMA
+    target, views, masks and random negatives included); the resumed run reads its crops from the store."""
+    from safetensors.torch import load_file
+
+    import fmcib.training.crops as crops_module
+    from fmcib.training import jepa, simclr
+
+    torch.set_num_threads(2)
+    task = {"simclr": simclr.SimCLRTask, "jepa-ema": jepa.MaskedJEPATask, "jepa-lejepa": jepa.LeJEPATask}[method]
+
+    def run(out: Path, resume: bool = False) -> dict[str, torch.Tensor]:
+        common = {"epochs": 2, "batch_size": 4, "warmup_epochs": 0, "monitor_samples": 4, "spacing_mm": 3.0,
+                  "crop_store": tmp_path / f"crops-{out.name}", "resume": resume, "progress": False}
+        if method == "simclr":
+            simclr.pretrain_simclr(synthetic_cases, out, model="resnet10_3d.random", patch_size=12, optimizer="adamw",
+                                   lr=1e-3, **common)
+        else:
+            jepa.pretrain_jepa(synthetic_cases, out, model="vit3d_tiny.random", mode=method[5:], patch_size=16,
+                               views=2, **common)
+        return load_file(str(out / "checkpoints" / "best.safetensors"))
+
+    straight = run(tmp_path / "a")
+    calls = {"n": 0}
+    original = task.loss
+
+    def interrupted(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 12 lesions in batches of 4: the second step of epoch 2
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(task, "loss", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "b")
+    state = torch.load(tmp_path / "b" / "checkpoints" / "training_state.pt", weights_only=True)
+    assert state["state"]["global_step"] == 4
+
+    class Unreadable:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a scan was read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(crops_module, "ScanDataset", Unreadable)  # SimCLR's random patches too: their own store
+        resumed = run(tmp_path / "b", resume=True)
+    assert set(resumed) == set(straight) and any(k.startswith("target.") for k in straight) == (method == "jepa-ema")
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
 
 
 def test_jepa_pretraining_under_torchrun_shares_the_lesions_between_two_processes(lesion_benchmark, tmp_path):

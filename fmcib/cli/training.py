@@ -212,6 +212,9 @@ def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | 
               help="Start from local weights (continue pretraining).")
 @click.option("--mode", default="ema", show_default=True, type=click.Choice(["ema", "lejepa"]),
               help="ema: masked latent prediction against an EMA target (I-JEPA); lejepa: views + SIGReg.")
+@click.option("--keep", default=None, type=click.Choice(["target", "context"]),
+              help="The encoder the folder holds: the EMA target (default of --mode ema, as I-JEPA evaluates) or the "
+                   "context encoder (LeJEPA's only one).")
 @click.option("--mask", "mask_kind", default="blocks", show_default=True, type=click.Choice(["blocks", "tubes"]),
               help="ema: 3D target blocks (I-JEPA), or tubes through the whole depth (V-JEPA style).")
 @click.option("--targets", default=4, show_default=True, type=click.IntRange(min=1), help="ema: target blocks.")
@@ -227,7 +230,8 @@ def pretrain_simclr_cmd(table: Path, out_dir: Path, model: str, weights: Path | 
 @click.option("--warmup-epochs", default=10.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--monitor-samples", default=256, show_default=True, type=click.IntRange(min=2))
 @training_options
-def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | None, mode: str, mask_kind: str,
+def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | None, mode: str, keep: str | None,
+                      mask_kind: str,
                       targets: int, views: int, sigreg_lambda: float, data_description: str | None, epochs: int,
                       batch_size: int, lr: float, optimizer: str, weight_decay: float, warmup_epochs: float,
                       monitor_samples: int, device: str, precision: str, num_workers: int, crop_store: Path | None,
@@ -240,10 +244,9 @@ def pretrain_jepa_cmd(table: Path, out_dir: Path, model: str, weights: Path | No
     """
     from ..training.jepa import MaskSpec, pretrain_jepa
 
+    mask = MaskSpec(targets=targets, tube=mask_kind == "tubes")
     result = pretrain_jepa(
-        table, out_dir, model=model, weights=weights, mode=mode, mask=MaskSpec(targets=targets,
-                                                                               tube=mask_kind == "tubes"),
-        views=views, sigreg_lambda=sigreg_lambda, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        table, out_dir, model=model, weights=weights, mode=mode, keep=keep, mask=mask, views=views, sigreg_lambda=sigreg_lambda, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, monitor_samples=monitor_samples,
         data_description=data_description, device=None if device == "auto" else device, precision=precision,
         num_workers=num_workers, crop_store=crop_store, seed=seed, resume=resume, coords=coords, patch_size=patch_size,

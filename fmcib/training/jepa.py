@@ -143,11 +143,16 @@ class Predictor(nn.Module):
 
 class JEPAModel(nn.Module):
     """The encoder being trained plus what its mode needs: ``predictor`` and an EMA ``target`` encoder
-    (masked mode), or a ``projector`` (LeJEPA). Only ``encoder`` is saved in the trained folder."""
+    (masked mode), or a ``projector`` (LeJEPA). One encoder is kept in the trained folder, and measured by the
+    monitors: ``kept`` names it (``"target"``, as I-JEPA evaluates, or ``"encoder"``, the context encoder)."""
 
     def __init__(self, encoder: nn.Module, mode: Literal["ema", "lejepa"], predictor_width: int = 96,
-                 predictor_depth: int = 2, projection_dim: int = 64) -> None:
+                 predictor_depth: int = 2, projection_dim: int = 64, kept: Literal["target", "encoder"] = "encoder",
+                 ) -> None:
         super().__init__()
+        if kept == "target" and mode != "ema":
+            raise ValueError("only the masked mode (ema) has an EMA target to keep")
+        self.kept = kept
         self.encoder = encoder
         dim = int(encoder.dim)
         if mode == "ema":
@@ -213,10 +218,11 @@ class _JEPAMonitors:
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:  # noqa: D102
         first, second = [], []
+        encoder = getattr(model, model.kept)  # the encoder the folder will hold
         for batch in loader:
             views = batch["views"].to(device)
-            first.append(model.encoder(views[:, 0]).float().cpu())
-            second.append(model.encoder(views[:, -1]).float().cpu())
+            first.append(encoder(views[:, 0]).float().cpu())
+            second.append(encoder(views[:, -1]).float().cpu())
         return feature_health(torch.cat(first), torch.cat(second), JEPA_COLLAPSE_THRESHOLDS, "JEPA")
 
 
@@ -272,6 +278,7 @@ def pretrain_jepa(
     model: str = "vit3d_tiny.random",
     weights: str | os.PathLike | None = None,
     mode: Literal["ema", "lejepa"] = "ema",
+    keep: Literal["target", "context"] | None = None,
     mask: MaskSpec = MaskSpec(),
     views: int = 4,
     sigreg_lambda: float = 0.05,
@@ -298,11 +305,18 @@ def pretrain_jepa(
     """Pretrain a 3D ViT with a JEPA objective on the lesions of a seeds table (no labels needed).
 
     ``mode="ema"``: masked latent prediction against an EMA target (``mask`` sets the blocks);
-    ``mode="lejepa"``: ``views`` views pulled together plus ``sigreg_lambda`` x SIGReg. The other parameters
-    are those of :func:`~fmcib.training.simclr.pretrain_simclr`. The folder holds the encoder only.
+    ``mode="lejepa"``: ``views`` views pulled together plus ``sigreg_lambda`` x SIGReg. The folder holds one
+    encoder: ``keep="target"`` (the default of the masked mode) the EMA target, as I-JEPA and V-JEPA evaluate;
+    ``keep="context"`` the context encoder (LeJEPA's only one). The EMA target lags the context encoder by
+    about ``1 / (1 - momentum)`` steps: after a short run it is still close to its starting weights. The
+    other parameters are those of :func:`~fmcib.training.simclr.pretrain_simclr`.
     """
     if mode not in ("ema", "lejepa"):
         raise ValueError(f"mode must be 'ema' or 'lejepa', got {mode!r}")
+    keep = keep or ("target" if mode == "ema" else "context")
+    if keep not in ("target", "context") or (keep == "target" and mode != "ema"):
+        raise ValueError(f"keep must be 'target' (mode 'ema' only) or 'context', got {keep!r} with mode {mode!r}")
+    kept = "target" if keep == "target" else "encoder"
     context = init_distributed(device)
     out = Path(out_dir)
     df, table_dir, name = load_seed_table(table)
@@ -313,7 +327,7 @@ def pretrain_jepa(
         if not hasattr(encoder, "tokens"):
             raise ValueError(f"{resolved.config.name}: JEPA needs a token encoder (a vit3d model), not "
                              f"{resolved.config.architecture}")
-        network = JEPAModel(encoder, mode)
+        network = JEPAModel(encoder, mode, kept=kept)
     z, y, x = (int(v) for v in contract.input_shape[1:])
     grid = encoder.grid((z, y, x))
     margin = augmentation.margin(contract)
@@ -342,12 +356,12 @@ def pretrain_jepa(
             "method": "jepa", "mode": mode, "started_from": resolved.record(), "base_model": resolved.config.name,
             "table": name, "data_description": description, "counts": counts, "settings": settings.to_dict(),
             "mask": dataclasses.asdict(mask) if mode == "ema" else None, "token_grid": list(grid),
-            "views": n_views, "sigreg_lambda": sigreg_lambda if mode == "lejepa" else None,
+            "views": n_views, "sigreg_lambda": sigreg_lambda if mode == "lejepa" else None, "kept_encoder": keep,
             "augmentation": dataclasses.asdict(augmentation), "monitor_samples": len(monitor_set),
             "final_metrics": result.history[-1] if result.history else {}}}
         write_trained_folder(out, config, f"{resolved.config.name.split('.')[0]}.jepa-{mode}",
                              f"{resolved.config.architecture} encoder pretrained with "
                              f"{'I-JEPA masked prediction (EMA target)' if mode == 'ema' else 'LeJEPA (SIGReg)'} on "
-                             f"{len(rows)} lesions ({name})", best_weights(out, "encoder")["encoder"], record)
+                             f"{len(rows)} lesions ({name}); the {keep} encoder", best_weights(out, kept)[kept], record)
     context.barrier()
     return PretrainResult(out, result.history, counts)
