@@ -221,12 +221,17 @@ def test_hub_push_uploads_the_folder_and_hf_hub_loads_it_back(tiny_model_dir, sy
     from fmcib import extract_features
     from fmcib.cli import main
     from fmcib.models.hub import PUSH_IGNORE
+    from fmcib.preprocessing import PreprocessConfig
+    from fmcib.training import read_crops
 
     folder = tmp_path / "trained"
     shutil.copytree(tiny_model_dir, folder)
     (folder / "README.md").write_text("# tiny\nTrained on nothing: random weights for a test.\n")
     (folder / "checkpoints").mkdir()
     (folder / "checkpoints" / "training_state.pt").write_bytes(b"resume state")
+    read_crops(synthetic_cases.iloc[:2], PreprocessConfig(patch_size=8, spacing_mm=4.0), store=folder / "crops")
+    read_crops(synthetic_cases.iloc[:2], PreprocessConfig(patch_size=8, spacing_mm=4.0), store=folder)
+    assert (folder / "crops" / "crops.f32").is_file() and (folder / "crops.json").is_file()
     calls = []
 
     class FakeApi:  # the Hub's side: what upload_folder would send, placed where hf_hub_download finds it
@@ -251,7 +256,7 @@ def test_hub_push_uploads_the_folder_and_hf_hub_loads_it_back(tiny_model_dir, sy
     assert res.exit_code == 0, res.output
     assert calls[0] == ("create_repo", "lab/tiny-encoder", {"repo_type": "model", "private": True, "exist_ok": True})
     assert calls[1][0] == "create_branch" and calls[1][2]["branch"] == "v1"
-    assert calls[2][2] == ["README.md", "config.json", "model.safetensors"]  # no resume state
+    assert calls[2][2] == ["README.md", "config.json", "model.safetensors"]  # no resume state, no crop store
     assert PUSH_IGNORE[0] == "checkpoints/*"
 
     seeds = synthetic_cases.iloc[:3]

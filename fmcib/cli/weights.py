@@ -77,7 +77,7 @@ def hub_push(folder: Path, repo_id: str, private: bool, revision: str | None, me
     Example:
       fmcib hub push simclr/ my-lab/fmcib-simclr-nlst --private
       fmcib extract --csv seeds.csv --model hf-hub:my-lab/fmcib-simclr-nlst --out features.csv
-    Log in first (huggingface-cli login, or HF_TOKEN). Resume checkpoints are not uploaded.
+    Log in first (huggingface-cli login, or HF_TOKEN). Resume checkpoints and crop stores are not uploaded.
     """
     from ..models.hub import push_to_hub
 

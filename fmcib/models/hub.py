@@ -201,8 +201,9 @@ def _verified(path: Path, expected: str | None, source: str) -> Path:
     return path
 
 
-# Left out of an upload: resume state, locks and unfinished writes.
-PUSH_IGNORE = ["checkpoints/*", "*.lock", "*.tmp", ".*"]
+# Left out of an upload: resume state, locks, unfinished writes, and training crop stores (fmcib.training.crops:
+# a --crop-store inside the folder holds the training data itself, possibly tens of GB).
+PUSH_IGNORE = ["checkpoints/*", "*.lock", "*.tmp", ".*", "*.f32", "*.f32.partial", "*crops.json"]
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -210,7 +211,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     """Upload a trained folder (``config.json``, ``model.safetensors``, model card, ...) to a Hub model repo.
 
     The repository is created when missing; with ``revision`` the files go to that branch (created from the
-    default branch when missing). Resume checkpoints are left out. The folder must be one fmcib can load
+    default branch when missing). Resume checkpoints and crop stores are left out. The folder must be one fmcib can load
     (its config and weights are checked first) and carry a model card (``README.md``): published weights say
     what data made them. Returns the URL of the commit.
 
