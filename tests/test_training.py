@@ -213,6 +213,26 @@ def test_crop_store_holds_the_in_memory_crops_and_is_reused_until_a_file_changes
     assert np.array_equal(read_crops(table, cfg, margin=2, store=store)[1], crops)
 
 
+def test_crops_too_large_for_memory_are_pointed_to_a_store(synthetic_cases, monkeypatch, caplog):
+    import fmcib.training.crops as crops_module
+    from fmcib.preprocessing import PreprocessConfig
+
+    cfg = PreprocessConfig(patch_size=8, spacing_mm=4.0)
+    crop_bytes = 12 * 8 ** 3 * 4  # 12 crops of 8^3 float32
+    monkeypatch.setattr(crops_module, "_available_memory", lambda: 4 * crop_bytes)
+    with caplog.at_level("WARNING", logger="fmcib.training.crops"):
+        crops_module.read_crops(synthetic_cases, cfg)
+    assert not caplog.records  # half of what is available
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # three processes of one machine: three copies
+    with caplog.at_level("WARNING", logger="fmcib.training.crops"):
+        crops_module.read_crops(synthetic_cases, cfg)
+    assert len(caplog.records) == 1 and "--crop-store" in caplog.text and "3 process" in caplog.text
+    monkeypatch.undo()
+    if Path("/proc/meminfo").is_file():  # Linux: MemAvailable, at most the machine's memory
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert 0 < crops_module._available_memory() <= total
+
+
 CROP_STORE_SCRIPT = """
 import json, sys
 import numpy as np, pandas as pd

@@ -40,7 +40,7 @@ from ..files import atomic_path
 from ..preprocessing import PreprocessConfig
 from ..scans import RowError, ScanDataset, ScanTask, plan_scans, shard_scans
 
-__all__ = ["read_crops", "STORE_DATA", "STORE_INDEX"]
+__all__ = ["STORE_DATA", "STORE_INDEX", "read_crops"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +121,31 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def _warn_if_too_large(shape: tuple[int, ...], name: str) -> None:
-    """A warning when the crops would take more than half of the memory available now."""
-    needed = int(np.prod(shape)) * _FLOAT_BYTES
+def _available_memory() -> int | None:
+    """Bytes of memory available for new allocations (Linux's MemAvailable, which counts reclaimable cache;
+    elsewhere the free pages), None when the system does not say."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not every system reports it
-        return
-    if needed > available / 2:
-        logger.warning("%s: %d crops take %.1f GB in the memory of each process (%.1f GB available); give a crop "
-                       "store (crop_store=DIR, --crop-store DIR) to keep them on disk", name, shape[0], needed / 1e9,
-                       available / 1e9)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _warn_if_too_large(shape: tuple[int, ...], name: str) -> None:
+    """A warning when the crops of this machine's processes would take more than half of the memory available."""
+    each = int(np.prod(shape)) * _FLOAT_BYTES
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: every process holds its own copy
+    available = _available_memory()
+    if available is not None and each * processes > available / 2:
+        logger.warning("%s: %d crops take %.1f GB in the memory of each of %d process(es) (%.1f GB available); give "
+                       "a crop store (crop_store=DIR, --crop-store DIR) to keep them on disk", name, shape[0],
+                       each / 1e9, processes, available / 1e9)
 
 
 def _file_state(path: str | None) -> list[int] | None:
