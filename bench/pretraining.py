@@ -1,15 +1,25 @@
-"""Benchmark: what SimCLR pretraining buys on the synthetic lesion benchmark (fmcib.datasets.make_lesion_benchmark).
+"""Benchmark: what SimCLR and image-JEPA pretraining buy on the synthetic lesion benchmark
+(fmcib.datasets.make_lesion_benchmark).
 
-    python bench/pretraining.py --quick   # minutes on a 2-core CPU (resnet10_3d, 16^3 patches at 2 mm)
+    python bench/pretraining.py --quick   # minutes on a 2-core CPU (16^3 patches at 2 mm)
     python bench/pretraining.py           # the run recorded in docs/benchmarks.md
+    python bench/pretraining.py --quick --methods jepa   # one family only (simclr, jepa)
 
-Protocol: SimCLR on the unlabelled pool; then, for each of the five latent variables (size, elongation,
-density, texture, margin) and 10/20/50/100 % of the labelled set (stratified, seeded):
-- linear probes (LogisticProbe, Optuna-tuned) on the features of (a) the random-init encoder, (b) the same
-  random-init encoder with BatchNorm statistics adapted to the pool (a control: SimCLR's own run also
-  adapts them, so any gain of (c) over (b) is what the contrastive objective learned), (c) the SimCLR encoder;
-- full fine-tunes (fmcib.training.finetune) from random init (the supervised baseline trained from
-  scratch) and from the SimCLR encoder.
+Protocol: each pretraining on the same unlabelled pool, with the same patches, epochs, batch and optimiser:
+- SimCLR on ``resnet10_3d``;
+- image JEPA on a ViT-Tiny with 4^3-voxel tokens (64 tokens of a 16^3 patch, 125 of a 20^3 one; the
+  registered ``vit3d_tiny`` uses 8^3 tokens, too coarse for patches this small): I-JEPA (masked latent
+  prediction against an EMA target; the folder keeps the EMA target, as I-JEPA evaluates, and a second
+  run of the same seed keeps the context encoder, probed only) and LeJEPA (views pulled together + 0.05 x
+  SIGReg).
+Then, for each of the five latent variables (size, elongation, density, texture, margin) and 10/20/50/100 %
+of the labelled set (stratified, seeded):
+- linear probes (LogisticProbe, Optuna-tuned) on the features of each pretrained encoder and of its
+  architecture at random init; for the ResNet also (control) the random-init encoder with BatchNorm
+  statistics adapted to the pool (SimCLR's own run also adapts them, so SimCLR's gain over it is what the
+  contrastive objective learned; a ViT has no BatchNorm);
+- full fine-tunes (fmcib.training.finetune) of each architecture from random init (the supervised baseline
+  trained from scratch) and from each pretrained encoder.
 Each is scored by AUC on the fixed test set with a stratified bootstrap 95 % CI. Writes a CSV, a markdown
 table and a PNG of the curves to --out-dir, and a JSON copy to bench/out/.
 """
@@ -21,20 +31,33 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
 # bench/ is the working folder of these scripts: its modules import by name
 from extract import environment, report
 
 from fmcib import extract_features
 from fmcib.datasets import LATENTS, make_lesion_benchmark
 from fmcib.evaluation import bootstrap_ci
+from fmcib.models import ModelConfig, register_model
+from fmcib.models.vit3d import VIT3D_TINY_ARGS
+from fmcib.preprocessing import PreprocessConfig
 from fmcib.probes import LogisticProbe
 from fmcib.tables import feature_matrix
 from fmcib.training import Augmentation, finetune, predict
+from fmcib.training.jepa import pretrain_jepa
 from fmcib.training.simclr import pretrain_simclr
+
+RESNET = "resnet10_3d.random"
+VIT = register_model(ModelConfig(
+    name="vit3d_tiny_t4.random", architecture="vit3d", model_args={**VIT3D_TINY_ARGS, "patch_size": 4},
+    num_features=VIT3D_TINY_ARGS["dim"], preprocess=PreprocessConfig(patch_size=16, spacing_mm=2.0),
+    description="ViT-Tiny with 4^3-voxel tokens (bench/pretraining.py), seeded random weights"), overwrite=True).name
+METHODS = ("simclr", "jepa")
 
 SETTINGS = {  # quick: minutes on 2 CPU cores; full: the recorded run
     "quick": {"pool": 24, "labelled": 16, "test": 16, "patch": 16, "spacing": 2.0, "epochs": 8, "batch": 16,
@@ -60,50 +83,87 @@ def scored(y: np.ndarray, p: np.ndarray, resamples: int, seed: int) -> dict[str,
     return {"auc": ci.estimate, "ci_low": ci.ci_low, "ci_high": ci.ci_high}
 
 
-def benchmark_arguments(doc: str, settings: dict[str, dict], name: str) -> tuple[argparse.Namespace, dict, Path]:
-    """The options every learning benchmark takes (--quick, --out-dir, --device, --seed), its settings and its
-    working folder (bench/out/<name>-quick|full unless --out-dir); quiets the expected random-weights notices."""
+def benchmark_arguments(doc: str, settings: dict[str, dict], name: str, **extra: tuple[str, ...]
+                        ) -> tuple[argparse.Namespace, dict, Path]:
+    """The options every learning benchmark takes (--quick, --out-dir, --device, --seed, and ``extra``
+    multiple-choice options: name -> choices, all chosen by default), its settings and its working folder
+    (bench/out/<name>-quick|full unless --out-dir); quiets the expected random-weights notices."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    for option, values in extra.items():
+        p.add_argument(f"--{option}", nargs="+", choices=values, default=list(values))
     args = p.parse_args()
     mode = "quick" if args.quick else "full"
     work = args.out_dir or Path(__file__).resolve().parent / "out" / f"{name}-{mode}"
     work.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("fmcib.models").addFilter(lambda record: "random weights" not in record.getMessage())
     warnings.filterwarnings("ignore", message=".*random weights.*")
     warnings.filterwarnings("ignore", message=".*contract overridden.*")
     return args, settings[mode], work
 
 
+def pretrain(methods: list[str], pool: Path, work: Path, s: dict, common: dict) -> tuple[dict, dict, dict, dict]:
+    """Run the pretrainings; returns the probe encoders and fine-tune starts (approach -> (model, folder or
+    None)), the seconds each run took and its last epoch's embedding monitors."""
+    probes, starts, timings, monitors = {}, {}, {}, {}
+
+    def timed(key: str, run: Any) -> None:
+        t = time.perf_counter()
+        result = run()
+        timings[f"{key}_s"] = round(time.perf_counter() - t, 1)
+        last = result.history[-1] if result.history else {}
+        monitors[key] = {k[5:]: round(v, 4) for k, v in last.items() if k.startswith("tune_")}
+
+    if "simclr" in methods:
+        resnet = {**common, "model": RESNET}
+        timed("simclr", lambda: pretrain_simclr(pool, work / "simclr", epochs=s["epochs"], **resnet))
+        # control: passes over the pool with a learning rate of ~0: only BatchNorm statistics move (momentum 0.1:
+        # they settle within a few dozen steps)
+        pretrain_simclr(pool, work / "bn-adapted", epochs=min(3, s["epochs"]), monitor_samples=2,
+                        **{**resnet, "lr": 1e-12})
+        probes |= {"probe: ResNet random init": (RESNET, None),
+                   "probe: ResNet random init, BN adapted": (RESNET, work / "bn-adapted"),
+                   "probe: SimCLR": (RESNET, work / "simclr")}
+        starts |= {"fine-tune: ResNet from scratch": (RESNET, None), "fine-tune: from SimCLR": (RESNET, work / "simclr")}
+    if "jepa" in methods:
+        vit = {**common, "model": VIT, "weight_decay": 0.04}
+        timed("ijepa", lambda: pretrain_jepa(pool, work / "ijepa", mode="ema", epochs=s["epochs"], **vit))
+        # the same run, keeping the context encoder instead of the EMA target (which lags it by ~250 steps)
+        timed("ijepa_context", lambda: pretrain_jepa(pool, work / "ijepa-context", mode="ema", keep="context",
+                                                     epochs=s["epochs"], **vit))
+        timed("lejepa", lambda: pretrain_jepa(pool, work / "lejepa", mode="lejepa", sigreg_lambda=0.05,
+                                              epochs=s["epochs"], **vit))
+        probes |= {"probe: ViT random init": (VIT, None), "probe: I-JEPA": (VIT, work / "ijepa"),
+                   "probe: I-JEPA, context encoder": (VIT, work / "ijepa-context"),
+                   "probe: LeJEPA": (VIT, work / "lejepa")}
+        starts |= {"fine-tune: ViT from scratch": (VIT, None), "fine-tune: from I-JEPA": (VIT, work / "ijepa"),
+                   "fine-tune: from LeJEPA": (VIT, work / "lejepa")}
+    return probes, starts, timings, monitors
+
+
 def main() -> None:
-    args, s, work = benchmark_arguments(__doc__, SETTINGS, "ssl")
+    args, s, work = benchmark_arguments(__doc__, SETTINGS, "ssl", methods=METHODS)
     started = time.perf_counter()
     tables = make_lesion_benchmark(work / "data", s["pool"], s["labelled"], s["test"], random_state=args.seed)
     labelled, test = pd.read_csv(tables["labelled"]), pd.read_csv(tables["test"])
     contract = {"patch_size": s["patch"], "spacing_mm": s["spacing"]}
-    common = {"model": "resnet10_3d.random", "batch_size": s["batch"], "optimizer": "adamw", "lr": 1e-3,
-              "weight_decay": 1e-4, "warmup_epochs": 1.0, "device": args.device, "seed": args.seed,
-              "progress": False, "data_description": "Synthetic lesions of fmcib.datasets.make_lesion_benchmark "
+    common = {"batch_size": s["batch"], "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
+              "device": args.device, "seed": args.seed, "progress": False,
+              "data_description": "Synthetic lesions of fmcib.datasets.make_lesion_benchmark "
               "(not patient data; a benchmark encoder, not a clinical one)", **contract}
-    timings = {}
-    t = time.perf_counter()
-    pretrain_simclr(tables["pool"], work / "simclr", epochs=s["epochs"], **common)
-    timings["simclr_s"] = round(time.perf_counter() - t, 1)
-    # control: passes over the pool with a learning rate of ~0: only BatchNorm statistics move (momentum 0.1:
-    # they settle within a few dozen steps)
-    pretrain_simclr(tables["pool"], work / "bn-adapted", epochs=min(3, s["epochs"]), monitor_samples=2,
-                    **{**common, "lr": 1e-12})
+    probes, starts, timings, monitors = pretrain(args.methods, tables["pool"], work, s, common)
 
     rows = []
-    extract = {"model": "resnet10_3d.random", "progress": False, "num_workers": 0, "device": args.device, **contract}
-    encoders = {"probe: random init": None, "probe: random init, BN adapted": work / "bn-adapted",
-                "probe: SimCLR": work / "simclr"}
-    for approach, weights in encoders.items():
-        train_f = feature_matrix(extract_features(tables["labelled"], weights=weights, **extract))
-        test_f = feature_matrix(extract_features(tables["test"], weights=weights, **extract))
+    t = time.perf_counter()
+    for approach, (model, weights) in probes.items():
+        extract = {"model": model, "weights": weights, "progress": False, "num_workers": 0, "device": args.device,
+                   **contract}
+        train_f = feature_matrix(extract_features(tables["labelled"], **extract))
+        test_f = feature_matrix(extract_features(tables["test"], **extract))
         for latent in LATENTS:
             for fraction in FRACTIONS:
                 pick = stratified_subset(labelled[latent], fraction, args.seed)
@@ -112,13 +172,13 @@ def main() -> None:
                 prob = probe.predict_proba(test_f)[:, 1]
                 rows.append({"latent": latent, "fraction": fraction, "n_train": len(pick), "approach": approach,
                              **scored(test[latent].to_numpy(), prob, s["resamples"], args.seed)})
+    timings["probes_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    starts = {"fine-tune: from scratch": None, "fine-tune: from SimCLR": work / "simclr"}
-    for approach, weights in starts.items():
+    for approach, (model, weights) in starts.items():
         for latent in LATENTS:
             for fraction in s["finetune_fractions"]:
-                out = work / "finetune" / f"{approach.split()[-1].lower()}-{latent}-{fraction}"
-                result = finetune(tables["labelled"], latent, out, model="resnet10_3d.random", weights=weights,
+                out = work / "finetune" / f"{approach.split(': ')[-1].replace(' ', '-').lower()}-{latent}-{fraction}"
+                result = finetune(tables["labelled"], latent, out, model=model, weights=weights,
                                   epochs=s["finetune_epochs"], batch_size=s["batch"] // 2, optimizer="adamw",
                                   lr=3e-4, fraction=None if fraction == 1.0 else fraction,
                                   augmentation=Augmentation(translate_voxels=3), device=args.device, seed=args.seed,
@@ -133,36 +193,48 @@ def main() -> None:
     shown = table.assign(cell=[f"{a:.3f} ({lo:.2f}-{hi:.2f})" for a, lo, hi in
                                zip(table.auc, table.ci_low, table.ci_high)])
     wide = shown.pivot_table(index=["latent", "fraction"], columns="approach", values="cell", aggfunc="first")
-    (work / "ssl_benchmark.md").write_text(wide.to_markdown())
+    mean = table.groupby("approach")["auc"].mean().round(3)
+    summary = mean.rename("mean test AUC").to_frame().assign(cells=table.groupby("approach").size())
+    (work / "ssl_benchmark.md").write_text(summary.to_markdown() + "\n\n" + wide.to_markdown() + "\n")
     plot(table, work / "ssl_benchmark.png")
     timings["total_s"] = round(time.perf_counter() - started, 1)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mean = table.groupby("approach")["auc"].mean().round(3).to_dict()
     report({**environment(device), "mode": "quick" if args.quick else "full", "settings": s, **timings,
-            "mean_auc_by_approach": mean, "table": str(work / "ssl_benchmark.md")}, "ssl", device)
+            "last_epoch_monitors": monitors, "mean_auc_by_approach": mean.to_dict(),
+            "table": str(work / "ssl_benchmark.md")}, "ssl", device)
+    print(summary.to_markdown())
     print(wide.to_markdown())
 
 
 def plot(table: pd.DataFrame, out: Path) -> None:
-    """AUC against the labelled fraction, one panel per latent variable, one line per approach."""
+    """AUC against the labelled fraction: a panel per latent variable, probes in the top row and fine-tunes in
+    the bottom one, a line (and its 95 % CI band) per approach."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(LATENTS), figsize=(3.2 * len(LATENTS), 3.2), sharey=True)
-    for ax, latent in zip(axes, LATENTS):
-        for approach, group in table[table.latent == latent].groupby("approach"):
-            group = group.sort_values("fraction")
-            ax.plot(group.fraction, group.auc, marker="o", label=approach)
-            ax.fill_between(group.fraction, group.ci_low, group.ci_high, alpha=0.12)
-        ax.set_xscale("log")
-        ax.set_xticks(FRACTIONS, [f"{f:.0%}" for f in FRACTIONS])
-        ax.set_title(latent, fontsize=10)
+    kinds = [k for k in ("probe", "fine-tune") if table.approach.str.startswith(k + ":").any()]
+    fig, axes = plt.subplots(len(kinds), len(LATENTS), figsize=(3.0 * len(LATENTS) + 2.6, 3.0 * len(kinds)),
+                             sharey=True, squeeze=False)
+    for row, kind in zip(axes, kinds):
+        rows = table[table.approach.str.startswith(kind + ":")]
+        colours = dict(zip(sorted(rows.approach.unique()), plt.cm.tab10.colors))
+        for ax, latent in zip(row, LATENTS):
+            for approach, group in rows[rows.latent == latent].groupby("approach"):
+                group = group.sort_values("fraction")
+                ax.plot(group.fraction, group.auc, marker="o", color=colours[approach],
+                        label=approach.split(": ", 1)[1])
+                ax.fill_between(group.fraction, group.ci_low, group.ci_high, color=colours[approach], alpha=0.08)
+            ax.set_xscale("log")
+            ax.set_xticks(FRACTIONS, [f"{f:.0%}" for f in FRACTIONS])
+            ax.minorticks_off()
+            ax.set_title(f"{latent} ({kind}s)", fontsize=10)
+            ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        row[0].set_ylabel("test AUC (95% CI)")
+        row[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title=kind + "s", title_fontsize=8)
+    for ax in axes[-1]:
         ax.set_xlabel("labelled fraction")
-        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
-    axes[0].set_ylabel("test AUC (95% CI)")
-    axes[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
