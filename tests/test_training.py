@@ -233,6 +233,29 @@ def test_crops_too_large_for_memory_are_pointed_to_a_store(synthetic_cases, monk
         assert 0 < crops_module._available_memory() <= total
 
 
+def test_stored_crops_pickle_by_reference_and_serve_spawned_loader_workers(synthetic_cases, tmp_path):
+    import pickle
+
+    from fmcib.preprocessing import PreprocessConfig
+    from fmcib.training import PatchDataset, read_crops
+    from fmcib.training.crops import StoredCrops
+
+    cfg = PreprocessConfig(patch_size=(12, 10, 8), spacing_mm=2.0)
+    rows, crops, _ = read_crops(synthetic_cases, cfg, margin=2, store=tmp_path / "store")
+    assert isinstance(crops, StoredCrops)
+    for part in (crops, crops[3:], crops[5:9].reshape(-1, *crops.shape[2:])):  # the map and views of it
+        blob = pickle.dumps(part)
+        back = pickle.loads(blob)
+        assert len(blob) < 1000 < part.nbytes and isinstance(back, np.memmap) and np.array_equal(back, part)
+    copied = crops[[0, 4]]  # fancy indexing copies: pickled by value
+    assert np.array_equal(pickle.loads(pickle.dumps(copied)), copied)
+    dataset = PatchDataset(crops, cfg, margin=2)
+    assert isinstance(dataset.crops, np.memmap) and len(pickle.dumps(dataset)) < 10_000
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    served = torch.cat([batch["input"] for batch in loader])
+    assert torch.equal(served, torch.stack([dataset[i]["input"] for i in range(len(dataset))]))
+
+
 CROP_STORE_SCRIPT = """
 import json, sys
 import numpy as np, pandas as pd

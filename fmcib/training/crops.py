@@ -16,7 +16,8 @@ matches is reused without reading any scan (a resumed or repeated run starts at 
 in ``DIR`` is replaced. Under ``torchrun`` the processes share one store: each reads its share of the
 scans (whole scans, balanced by seed count) into it, then rank 0 removes the holes left by unreadable
 rows; on several machines ``DIR`` must be on a file system they all see. The pages are the operating
-system's to cache, so the processes of one machine share them.
+system's to cache, so the processes of one machine share them, and a stored array (:class:`StoredCrops`)
+pickles by reference: data-loader workers map the file, whatever their start method.
 """
 
 from __future__ import annotations
@@ -40,13 +41,42 @@ from ..files import atomic_path
 from ..preprocessing import PreprocessConfig
 from ..scans import RowError, ScanDataset, ScanTask, plan_scans, shard_scans
 
-__all__ = ["STORE_DATA", "STORE_INDEX", "read_crops"]
+__all__ = ["STORE_DATA", "STORE_INDEX", "StoredCrops", "read_crops"]
 
 logger = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 STORE_DATA, STORE_INDEX = "crops.f32", "crops.json"
 _FLOAT_BYTES = 4
+
+
+class StoredCrops(np.memmap):
+    """A read-only memory map of a crop store that pickles by reference (file, byte offset, shape): loader
+    workers started by spawn or forkserver (macOS, Windows; Linux from Python 3.14) map the file again instead
+    of receiving a copy of every crop. A copy (fancy indexing) or a non-contiguous view pickles its values."""
+
+    def __reduce__(self) -> Any:
+        position = self._file_position()
+        if position is None:
+            return np.asarray(self).copy().__reduce__()
+        return _open_stored, (self.filename, position, self.shape)
+
+    def _file_position(self) -> int | None:
+        """Where this array's first element lies in the file, when it is a C-contiguous view of the map."""
+        if getattr(self, "_mmap", None) is None or self.filename is None or not self.flags.c_contiguous:
+            return None
+        import mmap
+
+        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY  # where numpy's map begins in the file
+        mapped = np.frombuffer(self._mmap, np.uint8)
+        return start + (self.__array_interface__["data"][0] - mapped.__array_interface__["data"][0])
+
+
+def _open_stored(filename: str, position: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Map ``shape`` float32 crops of a store at byte ``position`` (the inverse of pickling a StoredCrops)."""
+    if not int(np.prod(shape)):
+        return np.zeros(shape, np.float32)
+    return StoredCrops(filename, np.float32, mode="r", offset=position, shape=shape)
 
 
 def read_crops(table: pd.DataFrame, config: PreprocessConfig, margin: int = 0, coords: str = "lps",
@@ -227,6 +257,6 @@ def _stored_crops(folder: Path, tasks: Sequence[ScanTask], planned: np.ndarray, 
         on_main_process(finish, context)
     index = json.loads((folder / STORE_INDEX).read_text())
     count = int(index["shape"][0])
-    crops = np.memmap(data, np.float32, mode="r", shape=tuple(index["shape"])) if count else \
+    crops = StoredCrops(data, np.float32, mode="r", shape=tuple(index["shape"])) if count else \
         np.zeros(tuple(index["shape"]), np.float32)
     return np.asarray(index["rows"], np.int64), crops, [RowError(**e) for e in index["errors"]]

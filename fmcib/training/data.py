@@ -135,7 +135,7 @@ class PatchDataset(Dataset):
 
     def __init__(self, crops: np.ndarray, config: PreprocessConfig, targets: Any = None, rows: Any = None,
                  augmentation: Augmentation | None = None, margin: int | None = None, seed: int = 0) -> None:
-        self.crops = np.asarray(crops, dtype=np.float32)
+        self.crops = np.asanyarray(crops, dtype=np.float32)  # a store's map stays one
         self.config = config
         self.augmentation = augmentation
         self.seed = int(seed)

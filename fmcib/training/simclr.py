@@ -38,7 +38,7 @@ from ..models import build_model
 from ..preprocessing import PreprocessConfig
 from ..scans import plan_scans
 from ..tables import SERIES_COLUMN, load_seed_table
-from .crops import read_crops
+from .crops import StoredCrops, read_crops
 from .data import Augmentation, PatchDataset, report_unreadable
 from .engine import Trainer, TrainingConfig, TrainingTask
 from .folders import best_weights, starting_point, write_trained_folder
@@ -272,7 +272,7 @@ def _negative_crops(table: pd.DataFrame, lesion_rows: np.ndarray, lesion_crops: 
         fill(np.memmap(path, np.float32, mode="w+", shape=shape)).flush()
 
     on_main_process(write, context)
-    return np.memmap(path, np.float32, mode="r", shape=shape), found
+    return StoredCrops(path, np.float32, mode="r", shape=shape), found
 
 
 @dataclass
