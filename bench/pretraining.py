@@ -21,13 +21,15 @@ of the labelled set (stratified, seeded):
 - full fine-tunes (fmcib.training.finetune) of each architecture from random init (the supervised baseline
   trained from scratch) and from each pretrained encoder.
 Each is scored by AUC on the fixed test set with a stratified bootstrap 95 % CI. Writes a CSV, a markdown
-table and a PNG of the curves to --out-dir, and a JSON copy to bench/out/.
+table and a PNG of the curves to --out-dir, and a JSON copy to bench/out/; the pretrained folders stay there,
+the fine-tuned ones are removed once scored (several GB in all otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -184,6 +186,7 @@ def main() -> None:
                                   augmentation=Augmentation(translate_voxels=3), device=args.device, seed=args.seed,
                                   progress=False, **contract)
                 prob = predict(tables["test"], out, progress=False, num_workers=0, device=args.device)["prob_1"]
+                shutil.rmtree(out)  # scored; its weights and resume state are tens of MB, 60 folders several GB
                 rows.append({"latent": latent, "fraction": fraction, "n_train": result.counts["train"],
                              "approach": approach, **scored(test[latent].to_numpy(), prob.to_numpy(),
                                                             s["resamples"], args.seed)})
