@@ -256,7 +256,5 @@ def _stored_crops(folder: Path, tasks: Sequence[ScanTask], planned: np.ndarray, 
 
         on_main_process(finish, context)
     index = json.loads((folder / STORE_INDEX).read_text())
-    count = int(index["shape"][0])
-    crops = StoredCrops(data, np.float32, mode="r", shape=tuple(index["shape"])) if count else \
-        np.zeros(tuple(index["shape"]), np.float32)
+    crops = _open_stored(str(data), 0, tuple(index["shape"]))
     return np.asarray(index["rows"], np.int64), crops, [RowError(**e) for e in index["errors"]]
